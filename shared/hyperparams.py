@@ -1,0 +1,691 @@
+"""Hyperparameter containers: named groups in free coordinates.
+
+A hyperparameter group is stored in *free* (unconstrained) coordinates ``s``
+and used in *constrained* coordinates ``h`` through a transform::
+
+    log       h = exp(s)            s = log h              dh/ds = h
+    logit     h = sigmoid(s)        s = log h - log(1-h)   dh/ds = h (1 - h)
+    identity  h = s                 s = h                  dh/ds = 1
+
+Meta-optimisers move ``s``; training uses ``h``. The chain rule from a gradient
+with respect to ``h`` to one with respect to ``s`` is applied once, here
+(``HyperParams.chain``), never inside the hypergradient recursions.
+
+Each group has a *shape rule* that fixes the shape of its free array, for a
+parameter layout with ``P = layout.size`` parameters in ``B = layout.n_blocks``
+blocks and ``T = n_iters`` training steps::
+
+    scalar      ()        one value for every parameter and step
+    block       (B,)      one value per parameter block (W0, b0, W1, ...)
+    param       (P,)      one value per parameter
+    iter        (T,)      one value per step
+    iter_block  (T, B)    one value per step and block
+
+Training needs full per-parameter arrays. ``per_param(name, t)`` is the linear
+expansion ``E_t``: the per-parameter array ``a`` at step ``t`` with
+
+    scalar: a_i = h          block: a_i = h[b(i)]        param: a_i = h_i
+    iter:   a_i = h[t]       iter_block: a_i = h[t, b(i)]
+
+where ``b(i)`` is the block of parameter ``i``. ``reduce(name, g, t)`` is its
+adjoint ``E_t^T``: it turns a per-parameter gradient ``g = dF/da`` into the
+gradient with respect to the group's constrained value (sums over each block,
+over all parameters, or the identity; placed in row ``t`` for the iteration
+shapes), so that ``<reduce(g), h> == <g, per_param(h)>`` for every ``h``.
+
+The container is immutable: every method that changes something returns a new
+``HyperParams``; constrained values returned by ``value`` are read-only arrays.
+
+Tuned groups. A container always holds every group a training run needs (for
+``standard``: ``l2``, ``lr``, ``momentum``, ``init_scale``), but a
+meta-optimisation run may tune only some of them. ``HyperParams.tuned`` names
+those (default: all groups). ``flatten``, ``unflatten``, ``flatten_grads`` and
+``size`` see ONLY the tuned groups, concatenated in container order (the order
+of ``groups``, not the order in which ``tuned`` was written); untuned groups
+keep their values through ``unflatten``. ``total_size`` counts every group.
+
+Files (``save``/``load``): ``STEM.npz`` holds the free arrays (keys ``g0``,
+``g1``, ... in group order) and ``STEM.json`` the description (format and
+version, layout via ``ParamLayout.to_json``, ``n_iters``, per group its name,
+transform, shape and key, the tuned names, and the SHA-256 of the ``.npz`` so
+that a pair written by different saves is detected). Both are written
+atomically (temporary file in the same folder, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+from shared.errors import ConfigError
+from shared.layout import ParamLayout
+
+TRANSFORMS = ("log", "logit", "identity")
+SHAPES = ("scalar", "block", "param", "iter", "iter_block")
+ITER_SHAPES = ("iter", "iter_block")
+STANDARD_GROUPS = ("l2", "lr", "momentum", "init_scale")
+
+FILE_FORMAT = "hyperparams"
+FILE_VERSION = 1
+
+
+# --- transforms (pure functions on arrays) ------------------------------------
+
+def sigmoid(s) -> np.ndarray:
+    """sigmoid(s) = 1 / (1 + exp(-s)), evaluated with exp(-|s|) so it never overflows."""
+    s = np.asarray(s, dtype=float)
+    with np.errstate(under="ignore"):
+        e = np.exp(-np.abs(s))
+    return np.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def logit(h) -> np.ndarray:
+    """logit(h) = log h - log(1 - h), the inverse of ``sigmoid`` on (0, 1)."""
+    h = np.asarray(h, dtype=float)
+    return np.log(h) - np.log1p(-h)
+
+
+def to_constrained(transform: str, free) -> np.ndarray:
+    """h = exp(s) | sigmoid(s) | s."""
+    free = np.asarray(free, dtype=float)
+    if transform == "log":
+        with np.errstate(over="ignore", under="ignore"):
+            return np.exp(free)
+    if transform == "logit":
+        return sigmoid(free)
+    if transform == "identity":
+        return free.copy()
+    raise ConfigError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+
+
+def to_free(transform: str, value) -> np.ndarray:
+    """s = log h | logit h | h (the caller has checked the domain)."""
+    value = np.asarray(value, dtype=float)
+    if transform == "log":
+        return np.log(value)
+    if transform == "logit":
+        return logit(value)
+    if transform == "identity":
+        return value.copy()
+    raise ConfigError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+
+
+def dconstrained_dfree(transform: str, value) -> np.ndarray:
+    """dh/ds from the constrained value h: h | h (1 - h) | 1."""
+    value = np.asarray(value, dtype=float)
+    if transform == "log":
+        return value
+    if transform == "logit":
+        return value * (1.0 - value)
+    if transform == "identity":
+        return np.ones_like(value)
+    raise ConfigError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+
+
+def expected_shape(shape: str, layout: ParamLayout, n_iters: int) -> tuple:
+    """Shape of the free array for a shape rule (see the module docstring)."""
+    if shape == "scalar":
+        return ()
+    if shape == "block":
+        return (layout.n_blocks,)
+    if shape == "param":
+        return (layout.size,)
+    if shape == "iter":
+        return (int(n_iters),)
+    if shape == "iter_block":
+        return (int(n_iters), layout.n_blocks)
+    raise ConfigError(f"unknown hyperparameter shape {shape!r}; expected one of {SHAPES}")
+
+
+# --- validation helpers ---------------------------------------------------------
+
+def _first_bad(a: np.ndarray, bad: np.ndarray) -> str:
+    """'got V at index I (k of n entries ...)' for the first True entry of ``bad``."""
+    idx = tuple(int(i) for i in np.argwhere(bad)[0]) if a.ndim else ()
+    v = float(a[idx]) if a.ndim else float(a)
+    where = f" at index {idx[0] if len(idx) == 1 else idx}" if a.ndim else ""
+    count = f" ({int(np.count_nonzero(bad))} of {a.size} entries)" if a.size > 1 else ""
+    return f"got {v!r}{where}{count}"
+
+
+def _check_finite(name: str, what: str, a: np.ndarray) -> None:
+    bad = ~np.isfinite(a)
+    if np.any(bad):
+        raise ConfigError(f"hyperparameter {name!r}: non-finite {what}; {_first_bad(a, bad)}")
+
+
+def _check_domain(name: str, transform: str, value: np.ndarray) -> None:
+    """Constrained values must be finite and inside the transform's range."""
+    _check_finite(name, "value", value)
+    if transform == "log":
+        bad = ~(value > 0)
+        if np.any(bad):
+            raise ConfigError(f"hyperparameter {name!r} (transform 'log') must be > 0; "
+                              f"{_first_bad(value, bad)}")
+    elif transform == "logit":
+        bad = ~((value > 0) & (value < 1))
+        if np.any(bad):
+            raise ConfigError(f"hyperparameter {name!r} (transform 'logit') must lie strictly "
+                              f"in (0, 1); {_first_bad(value, bad)}")
+
+
+def _as_shape(name: str, what: str, a, shape: str, want: tuple) -> np.ndarray:
+    """Float array of shape ``want``; a scalar is broadcast."""
+    try:
+        arr = np.asarray(a, dtype=float)
+    except (TypeError, ValueError):
+        raise ConfigError(f"hyperparameter {name!r}: {what} is not numeric: {a!r}") from None
+    if arr.ndim == 0:
+        return np.full(want, float(arr))
+    if arr.shape != want:
+        raise ConfigError(f"hyperparameter {name!r}: shape {shape!r} expects an array of shape "
+                          f"{want} (or a scalar); got {what} of shape {arr.shape}")
+    return arr.copy()
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+# --- one group ------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class HyperGroup:
+    """One named group: free values ``free`` (read-only), a transform and a shape rule.
+
+    Construction checks the transform and shape names, that ``free`` is finite
+    and that the constrained value is inside its range (exp(s) > 0 and finite,
+    0 < sigmoid(s) < 1), so that a saturated transform is reported, not used.
+    The shape against a layout is checked by ``HyperParams``.
+    """
+
+    name: str
+    transform: str
+    shape: str
+    free: np.ndarray
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"hyperparameter group name must be a non-empty string; got {self.name!r}")
+        if self.transform not in TRANSFORMS:
+            raise ConfigError(f"hyperparameter {self.name!r}: unknown transform {self.transform!r}; "
+                              f"expected one of {TRANSFORMS}")
+        if self.shape not in SHAPES:
+            raise ConfigError(f"hyperparameter {self.name!r}: unknown shape {self.shape!r}; "
+                              f"expected one of {SHAPES}")
+        free = np.array(self.free, dtype=float)
+        _check_finite(self.name, "free value", free)
+        value = to_constrained(self.transform, free)
+        _check_domain(self.name, self.transform, value)
+        object.__setattr__(self, "free", _readonly(free))
+        object.__setattr__(self, "_value", _readonly(value))
+
+    @property
+    def value(self) -> np.ndarray:
+        """Constrained values h = transform(free), same shape as ``free`` (read-only)."""
+        return self._value
+
+    @property
+    def count(self) -> int:
+        return int(self.free.size)
+
+    def __repr__(self):
+        return f"HyperGroup({self.name!r}, {self.transform!r}, {self.shape!r}, shape={self.free.shape})"
+
+
+# --- the container --------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class HyperParams:
+    """Named hyperparameter groups for one parameter layout and ``n_iters`` training steps.
+
+    ``tuned`` names the groups that ``flatten``/``unflatten``/``flatten_grads``/
+    ``size`` see (default ``None``: all groups); it is stored in container order.
+    """
+
+    layout: ParamLayout
+    n_iters: int
+    groups: tuple
+    tuned: Optional[tuple] = None
+
+    def __post_init__(self):
+        if isinstance(self.n_iters, bool) or not isinstance(self.n_iters, (int, np.integer)) or self.n_iters < 0:
+            raise ConfigError(f"n_iters must be a non-negative integer; got {self.n_iters!r}")
+        object.__setattr__(self, "n_iters", int(self.n_iters))
+        groups = tuple(self.groups)
+        for g in groups:
+            if not isinstance(g, HyperGroup):
+                raise ConfigError(f"groups must be HyperGroup objects; got {type(g).__name__}")
+        names = [g.name for g in groups]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"duplicate hyperparameter group names in {names}")
+        for g in groups:
+            if g.shape in ITER_SHAPES and self.n_iters < 1:
+                raise ConfigError(f"hyperparameter {g.name!r}: shape {g.shape!r} needs n_iters >= 1; "
+                                  f"got n_iters={self.n_iters}")
+            want = expected_shape(g.shape, self.layout, self.n_iters)
+            if g.free.shape != want:
+                raise ConfigError(f"hyperparameter {g.name!r}: shape {g.shape!r} expects an array of "
+                                  f"shape {want}; got shape {g.free.shape}")
+        tuned = tuple(names) if self.tuned is None else tuple(self.tuned)
+        unknown = [n for n in tuned if n not in names]
+        if unknown:
+            raise ConfigError(f"tuned groups {unknown} are not hyperparameter groups; groups are {names}")
+        object.__setattr__(self, "groups", groups)
+        object.__setattr__(self, "tuned", tuple(n for n in names if n in tuned))
+        object.__setattr__(self, "_index", {n: i for i, n in enumerate(names)})
+        # cached once: ParamLayout recomputes sizes/offsets on every access
+        sizes = np.asarray(self.layout.sizes, dtype=np.intp)
+        object.__setattr__(self, "_block_of", _readonly(np.repeat(np.arange(len(sizes)), sizes)))
+        object.__setattr__(self, "_offsets", _readonly(np.asarray(self.layout.offsets, dtype=np.intp)))
+        object.__setattr__(self, "_all_blocks_nonempty", bool(np.all(sizes > 0)))
+        object.__setattr__(self, "_n_params", int(sizes.sum()))
+        object.__setattr__(self, "_spans", tuple((int(o), int(n)) for o, n in zip(self._offsets, sizes)))
+
+    def _expand(self, per_block: np.ndarray) -> np.ndarray:
+        """h[..., b] -> h[..., b(i)] (same as layout.expand, on the last axis).
+
+        Filled block by block with slice assignments: about 2x faster than
+        fancy indexing and 8x faster than np.repeat for an MLP layout.
+        """
+        out = np.empty(per_block.shape[:-1] + (self._n_params,))
+        for b, (o, n) in enumerate(self._spans):
+            out[..., o:o + n] = per_block[..., b, None]
+        return out
+
+    def _reduce(self, per_param: np.ndarray) -> np.ndarray:
+        """Per-block sums over the last axis (same as layout.reduce; empty blocks give 0)."""
+        if self._all_blocks_nonempty:
+            return np.add.reduceat(per_param, self._offsets, axis=-1)
+        B = self.layout.n_blocks
+        rows = per_param.reshape(-1, per_param.shape[-1])
+        out = np.stack([np.bincount(self._block_of, weights=r, minlength=B) for r in rows])
+        return out.reshape(per_param.shape[:-1] + (B,))
+
+    # --- construction ---------------------------------------------------------
+    @classmethod
+    def from_values(cls, layout: ParamLayout, n_iters: int, specs: Mapping, tuned=None) -> "HyperParams":
+        """Build from constrained values: ``specs[name] = (value, transform, shape)``.
+
+        ``value`` is a scalar (broadcast to the shape) or an array of the group's
+        shape. Checks: finite, ``log`` values > 0, ``logit`` values in (0, 1),
+        shape matches; errors name the group, the expected shape and the value.
+        """
+        groups = []
+        for name, spec in specs.items():
+            if not isinstance(spec, (tuple, list)) or len(spec) != 3:
+                raise ConfigError(f"hyperparameter {name!r}: spec must be (value, transform, shape); got {spec!r}")
+            value, transform, shape = spec
+            if transform not in TRANSFORMS:
+                raise ConfigError(f"hyperparameter {name!r}: unknown transform {transform!r}; "
+                                  f"expected one of {TRANSFORMS}")
+            if shape in ITER_SHAPES and (not isinstance(n_iters, (int, np.integer)) or n_iters < 1):
+                raise ConfigError(f"hyperparameter {name!r}: shape {shape!r} needs n_iters >= 1; "
+                                  f"got n_iters={n_iters!r}")
+            want = expected_shape(shape, layout, n_iters) if shape in SHAPES else None
+            if want is None:
+                raise ConfigError(f"hyperparameter {name!r}: unknown shape {shape!r}; expected one of {SHAPES}")
+            h = _as_shape(name, "value", value, shape, want)
+            _check_domain(name, transform, h)
+            with np.errstate(divide="ignore"):
+                groups.append(HyperGroup(name, transform, shape, to_free(transform, h)))
+        return cls(layout, n_iters, tuple(groups), tuned)
+
+    def with_free(self, name: str, free) -> "HyperParams":
+        """New container with group ``name``'s free values replaced (scalar broadcast)."""
+        g = self.group(name)
+        arr = _as_shape(name, "free value", free, g.shape, g.free.shape)
+        return self._replace(HyperGroup(name, g.transform, g.shape, arr))
+
+    def with_value(self, name: str, value) -> "HyperParams":
+        """New container with group ``name``'s constrained values replaced (validated)."""
+        g = self.group(name)
+        h = _as_shape(name, "value", value, g.shape, g.free.shape)
+        _check_domain(name, g.transform, h)
+        return self._replace(HyperGroup(name, g.transform, g.shape, to_free(g.transform, h)))
+
+    def with_tuned(self, names) -> "HyperParams":
+        """New container tuning exactly ``names`` (stored in container order)."""
+        return HyperParams(self.layout, self.n_iters, self.groups, tuple(names))
+
+    def _replace(self, new: HyperGroup) -> "HyperParams":
+        groups = tuple(new if g.name == new.name else g for g in self.groups)
+        return HyperParams(self.layout, self.n_iters, groups, self.tuned)
+
+    # --- access ---------------------------------------------------------------
+    @property
+    def names(self) -> tuple:
+        return tuple(g.name for g in self.groups)
+
+    def __contains__(self, name) -> bool:
+        return name in self._index
+
+    def group(self, name: str) -> HyperGroup:
+        try:
+            return self.groups[self._index[name]]
+        except (KeyError, TypeError):
+            raise ConfigError(f"no hyperparameter group {name!r}; groups are {list(self.names)}") from None
+
+    def value(self, name: str) -> np.ndarray:
+        """Constrained value of group ``name``, in the group's own shape (read-only)."""
+        return self.group(name).value
+
+    def free(self, name: str) -> np.ndarray:
+        """Free value of group ``name``, in the group's own shape (read-only)."""
+        return self.group(name).free
+
+    @property
+    def size(self) -> int:
+        """Number of TUNED free hyperparameters (= len(flatten()))."""
+        return int(sum(self.group(n).count for n in self.tuned))
+
+    @property
+    def total_size(self) -> int:
+        """Number of free hyperparameters in all groups, tuned or not."""
+        return int(sum(g.count for g in self.groups))
+
+    def _check_t(self, g: HyperGroup, t) -> Optional[int]:
+        if t is None:
+            if g.shape in ITER_SHAPES:
+                raise ConfigError(f"hyperparameter {g.name!r} has shape {g.shape!r}: an iteration t "
+                                  f"in [0, {self.n_iters}) is required")
+            return None
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.n_iters:
+            raise ConfigError(f"hyperparameter {g.name!r}: iteration t must be an integer in "
+                              f"[0, {self.n_iters}); got {t!r}")
+        return int(t)
+
+    # --- expansion and its adjoint -------------------------------------------------
+    def per_param(self, name: str, t=None) -> np.ndarray:
+        """Full (layout.size,) constrained array a = E_t h at iteration ``t`` (a new array).
+
+        scalar: a_i = h; block: a_i = h[b(i)]; param: a_i = h_i; iter: a_i = h[t];
+        iter_block: a_i = h[t, b(i)]. ``t`` is required for the iteration shapes
+        and, when given, must lie in [0, n_iters).
+        """
+        g = self.group(name)
+        t = self._check_t(g, t)
+        h, P = g.value, self._n_params
+        if g.shape == "scalar":
+            return np.full(P, float(h))
+        if g.shape == "block":
+            return self._expand(h)
+        if g.shape == "param":
+            return h.copy()
+        if g.shape == "iter":
+            return np.full(P, float(h[t]))
+        return self._expand(h[t])
+
+    def per_param_schedule(self, name: str) -> np.ndarray:
+        """(n_iters, layout.size) array whose row t is ``per_param(name, t)`` (any shape)."""
+        g = self.group(name)
+        h, T, P = g.value, self.n_iters, self._n_params
+        if g.shape == "iter_block":
+            return self._expand(h)
+        if g.shape == "iter":
+            return np.repeat(h[:, None], P, axis=1)
+        return np.tile(self.per_param(name), (T, 1))
+
+    def reduce(self, name: str, per_param_grad, t=None) -> np.ndarray:
+        """Adjoint of ``per_param``: dF/dh (group shape) from g = dF/da at iteration ``t``.
+
+        scalar: sum_i g_i; block: per-block sums (layout.reduce); param: g;
+        iter: zeros except [t] = sum_i g_i; iter_block: zeros except row t = per-block sums.
+        Exactly <reduce(g, t), h> = <g, per_param(h, t)>.
+        """
+        g = self.group(name)
+        t = self._check_t(g, t)
+        gp = self._check_grad(name, per_param_grad)
+        if g.shape == "scalar":
+            return np.asarray(gp.sum())
+        if g.shape == "block":
+            return self._reduce(gp)
+        if g.shape == "param":
+            return gp.copy()
+        out = np.zeros(g.free.shape)
+        out[t] = gp.sum() if g.shape == "iter" else self._reduce(gp)
+        return out
+
+    def reduce_schedule(self, name: str, schedule_grad) -> np.ndarray:
+        """Adjoint of ``per_param_schedule``: dF/dh from a (n_iters, layout.size) gradient."""
+        g = self.group(name)
+        G = np.asarray(schedule_grad, dtype=float)
+        want = (self.n_iters, self._n_params)
+        if G.shape != want:
+            raise ConfigError(f"hyperparameter {name!r}: schedule gradient has shape {G.shape}, expected {want}")
+        if g.shape == "iter_block":
+            return self._reduce(G)
+        if g.shape == "iter":
+            return G.sum(axis=1)
+        if g.shape == "scalar":
+            return np.asarray(G.sum())
+        if g.shape == "block":
+            return self._reduce(G).sum(axis=0)
+        return G.sum(axis=0)
+
+    def accumulate(self, grads: dict, name: str, per_param_grad, t=None) -> None:
+        """grads[name] += reduce(name, per_param_grad, t), in place (zeros if absent).
+
+        For the iteration shapes only row ``t`` is touched, so a reverse pass over
+        T steps costs O(T * size), not O(T^2 * blocks).
+        """
+        g = self.group(name)
+        if name not in grads:
+            grads[name] = np.zeros(g.free.shape)
+        acc = grads[name]
+        if not isinstance(acc, np.ndarray) or acc.shape != g.free.shape:
+            raise ConfigError(f"hyperparameter {name!r}: accumulated gradient has shape "
+                              f"{np.shape(acc)}, expected {g.free.shape}")
+        if g.shape in ITER_SHAPES:
+            t = self._check_t(g, t)
+            gp = self._check_grad(name, per_param_grad)
+            acc[t] += gp.sum() if g.shape == "iter" else self._reduce(gp)
+        else:
+            acc += self.reduce(name, per_param_grad, t)
+
+    def zero_grads(self) -> dict:
+        """{name: zeros of the group's shape} for every group (writable)."""
+        return {g.name: np.zeros(g.free.shape) for g in self.groups}
+
+    def _check_grad(self, name, per_param_grad) -> np.ndarray:
+        gp = np.asarray(per_param_grad, dtype=float)
+        if gp.shape != (self._n_params,):
+            raise ConfigError(f"hyperparameter {name!r}: per-parameter gradient has shape {gp.shape}, "
+                              f"expected ({self._n_params},)")
+        return gp
+
+    def _check_group_grad(self, name, grad) -> np.ndarray:
+        g = self.group(name)
+        a = np.asarray(grad, dtype=float)
+        if a.shape != g.free.shape:
+            raise ConfigError(f"hyperparameter {name!r}: gradient has shape {a.shape}, "
+                              f"expected {g.free.shape} (shape {g.shape!r})")
+        return a
+
+    # --- chain rule and flat vectors ----------------------------------------------
+    def chain(self, grad_constrained: Mapping) -> dict:
+        """dF/ds = dF/dh * dh/ds per group: log: * h; logit: * h (1 - h); identity: * 1.
+
+        Takes and returns dicts name -> array of the group's shape (same keys).
+        """
+        out = {}
+        for name, gr in grad_constrained.items():
+            a = self._check_group_grad(name, gr)
+            g = self.group(name)
+            out[name] = a * dconstrained_dfree(g.transform, g.value)
+        return out
+
+    def flatten(self) -> np.ndarray:
+        """Free values of the tuned groups, concatenated in container order."""
+        parts = [self.group(n).free.ravel() for n in self.tuned]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def unflatten(self, vec) -> "HyperParams":
+        """New container whose tuned groups take their free values from ``vec``."""
+        v = np.asarray(vec, dtype=float)
+        if v.shape != (self.size,):
+            raise ConfigError(f"flat hyperparameter vector has shape {v.shape}, expected ({self.size},) "
+                              f"for tuned groups {list(self.tuned)}")
+        new, o = {}, 0
+        for n in self.tuned:
+            g = self.group(n)
+            new[n] = HyperGroup(n, g.transform, g.shape, v[o:o + g.count].reshape(g.free.shape))
+            o += g.count
+        groups = tuple(new.get(g.name, g) for g in self.groups)
+        return HyperParams(self.layout, self.n_iters, groups, self.tuned)
+
+    def flatten_grads(self, grads: Mapping) -> np.ndarray:
+        """Gradients (name -> group-shaped array) of the tuned groups, in ``flatten`` order.
+
+        A missing tuned group contributes zeros; entries for untuned groups are
+        ignored; unknown names are an error. Pass gradients wrt the FREE values
+        (``chain`` first), or use ``flatten_free_grads``.
+        """
+        unknown = [n for n in grads if n not in self]
+        if unknown:
+            raise ConfigError(f"gradients for unknown hyperparameter groups {unknown}; "
+                              f"groups are {list(self.names)}")
+        parts = []
+        for n in self.tuned:
+            g = self.group(n)
+            parts.append(self._check_group_grad(n, grads[n]).ravel() if n in grads else np.zeros(g.count))
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def flatten_free_grads(self, grad_constrained: Mapping) -> np.ndarray:
+        """flatten_grads(chain(grad_constrained)): the meta-optimiser's gradient vector."""
+        return self.flatten_grads(self.chain(grad_constrained))
+
+    # --- summaries and files --------------------------------------------------------
+    def describe(self) -> dict:
+        """JSON-able summary: per group transform, shape, count, tuned, min/mean/max of h."""
+        out = {}
+        for g in self.groups:
+            h = g.value
+            out[g.name] = {"transform": g.transform, "shape": g.shape, "count": g.count,
+                           "tuned": g.name in self.tuned, "min": float(h.min()),
+                           "mean": float(h.mean()), "max": float(h.max())}
+        return {"n_iters": self.n_iters, "size": self.size, "total_size": self.total_size,
+                "tuned": list(self.tuned), "groups": out}
+
+    def save(self, path) -> None:
+        """Write ``STEM.npz`` (free arrays) and ``STEM.json`` (description), atomically."""
+        npz_path, json_path = _paths(path)
+        buf = io.BytesIO()
+        np.savez(buf, **{f"g{i}": g.free for i, g in enumerate(self.groups)})
+        data = buf.getvalue()
+        desc = {"format": FILE_FORMAT, "version": FILE_VERSION,
+                "layout": self.layout.to_json(), "n_iters": self.n_iters,
+                "groups": [{"name": g.name, "transform": g.transform, "shape": g.shape, "key": f"g{i}"}
+                           for i, g in enumerate(self.groups)],
+                "tuned": list(self.tuned),
+                "npz": npz_path.name, "npz_sha256": hashlib.sha256(data).hexdigest()}
+        _atomic_write(npz_path, data)
+        _atomic_write(json_path, (json.dumps(desc, indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, path, layout: Optional[ParamLayout] = None) -> "HyperParams":
+        """Read a container written by ``save``; ConfigError naming the file on any problem.
+
+        With ``layout`` given, the stored layout must equal it.
+        """
+        npz_path, json_path = _paths(path)
+        try:
+            desc = json.loads(json_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"hyperparameter file {json_path} is missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"hyperparameter file {json_path} is corrupt: {e}") from None
+        try:
+            if desc.get("format") != FILE_FORMAT or desc.get("version") != FILE_VERSION:
+                raise ValueError(f"not a {FILE_FORMAT} v{FILE_VERSION} description "
+                                 f"(format {desc.get('format')!r}, version {desc.get('version')!r})")
+            stored_layout = ParamLayout.from_json(desc["layout"])
+            n_iters = desc["n_iters"]
+            specs = [(d["name"], d["transform"], d["shape"], d["key"]) for d in desc["groups"]]
+            tuned = tuple(desc["tuned"])
+            sha = desc["npz_sha256"]
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"hyperparameter file {json_path} is corrupt: {e}") from None
+        if layout is not None and layout != stored_layout:
+            raise ConfigError(f"hyperparameter file {json_path} was saved for layout {stored_layout.to_json()}, "
+                              f"expected {layout.to_json()}")
+        try:
+            data = npz_path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"hyperparameter file {npz_path} is missing") from None
+        except OSError as e:
+            raise ConfigError(f"hyperparameter file {npz_path} cannot be read: {e}") from None
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ConfigError(f"hyperparameter file {npz_path} does not match {json_path} "
+                              f"(checksum differs: corrupt, or written by another save)")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {key: z[key] for _, _, _, key in specs}
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"hyperparameter file {npz_path} is corrupt: {e}") from None
+        try:
+            groups = tuple(HyperGroup(n, tr, sh, arrays[k]) for n, tr, sh, k in specs)
+            return cls(stored_layout, n_iters, groups, tuned)
+        except ConfigError as e:
+            raise ConfigError(f"hyperparameter files {json_path}/{npz_path.name}: {e}") from None
+
+    def __repr__(self):
+        gs = ", ".join(f"{g.name}:{g.transform}:{g.shape}{list(g.free.shape)}" + ("" if g.name in self.tuned else "(fixed)")
+                       for g in self.groups)
+        return f"HyperParams(n_iters={self.n_iters}, params={self.layout.size}, groups=[{gs}])"
+
+
+def _paths(path) -> tuple:
+    """(STEM.npz, STEM.json) for ``STEM``, ``STEM.npz`` or ``STEM.json``."""
+    p = Path(os.fspath(path))
+    stem = p.with_suffix("") if p.suffix in (".npz", ".json") else p
+    return stem.parent / (stem.name + ".npz"), stem.parent / (stem.name + ".json")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then os.replace it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --- the command line's container -------------------------------------------------
+
+def standard(layout: ParamLayout, n_iters: int, *, lr, momentum, l2, init_scales,
+             groups=STANDARD_GROUPS, l2_shape="param", lr_shape="iter_block",
+             momentum_shape="iter_block") -> HyperParams:
+    """The four groups every training run uses; ``groups`` says which are TUNED.
+
+    l2 (log, ``l2_shape``), lr (log, ``lr_shape``), momentum (logit,
+    ``momentum_shape``), init_scale (log, 'block'; ``init_scales`` is a
+    per-block array or a scalar). All four are always present, in that order;
+    ``groups`` becomes ``HyperParams.tuned`` (what flatten/unflatten see).
+    """
+    groups = tuple(groups)
+    unknown = [g for g in groups if g not in STANDARD_GROUPS]
+    if unknown:
+        raise ConfigError(f"unknown hyperparameter groups {unknown}; choose from {list(STANDARD_GROUPS)}")
+    specs = {"l2": (l2, "log", l2_shape), "lr": (lr, "log", lr_shape),
+             "momentum": (momentum, "logit", momentum_shape),
+             "init_scale": (init_scales, "log", "block")}
+    return HyperParams.from_values(layout, n_iters, specs, tuned=groups)
