@@ -25,12 +25,22 @@ import autograd.numpy as anp
 import numpy as np
 from autograd import grad as _grad
 from autograd import make_vjp
+from autograd.extend import defvjp, primitive
 from autograd.scipy.special import logsumexp
 
 from shared.mlp_spec import MLPSpec, parse_layers  # noqa: F401 (re-exported)
 
+@primitive
+def _tanh(x):
+    return np.tanh(x)
+
+
+# d tanh = 1 - tanh^2 written with products only, so that the gradient evaluated inside a
+# nested (second-order) trace is bit-identical to the plain gradient: exact reversal needs it.
+defvjp(_tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
+
 ACTIVATIONS = {  # must cover shared.mlp_spec.ACTIVATION_NAMES
-    "tanh": anp.tanh,
+    "tanh": _tanh,
     "relu": lambda x: anp.maximum(x, 0.0),
     "softplus": lambda x: anp.logaddexp(0.0, x),
 }
@@ -89,6 +99,15 @@ class MLP(MLPSpec):
         vjp, _ = make_vjp(lambda p: _nll_grad(p, X, y, self.activation))(layout.unflatten(w))
         hv = vjp(layout.unflatten(v))
         return np.concatenate([h.ravel() for h in hv]) + 2.0 * l2 * v, 2.0 * w * v
+
+    def grad_and_hvp(self, w, l2, X, y, v):
+        """``(grad_w L, H v, M^T v)`` from one VJP of the gradient; the gradient is the
+        VJP's forward value, bit-identical to ``grad`` (tested), so exact reversal can use it."""
+        layout = self.layout
+        vjp, g = make_vjp(lambda p: _nll_grad(p, X, y, self.activation))(layout.unflatten(w))
+        hv = vjp(layout.unflatten(v))
+        return (np.concatenate([gi.ravel() for gi in g]) + 2.0 * l2 * w,
+                np.concatenate([h.ravel() for h in hv]) + 2.0 * l2 * v, 2.0 * w * v)
 
     def predict(self, w, X) -> np.ndarray:
         return np.argmax(_forward(self.layout.unflatten(w), X, self.activation), axis=1)
