@@ -14,11 +14,11 @@ Reverse, t = T-1 ... 0, starting from dw = grad f(w_T), dv = 0::
     dalpha_t  = dw * v_{t+1}
     w_t       = w_{t+1} - alpha_t v_{t+1}                         (exact)
     dv       += alpha_t dw
-    g_t, H_t dv, M_t^T dv  = one VJP of grad_w L at w_t           (M = d grad / d lambda)
+    g_t, H_t u, M_t^T u    = one VJP of grad_w L at w_t, u = (1 - gamma_t) dv  (M = d grad / d lambda)
     v_t       = (v_{t+1} + (1 - gamma_t) g_t) / gamma_t           (exact, pops the buffer)
     dgamma_t  = dv * (v_t + g_t)
-    dw       -= (1 - gamma_t) H_t dv
-    dlambda  -= (1 - gamma_t) M_t^T dv
+    dw       -= H_t ((1 - gamma_t) dv)      (per-parameter gamma: H and diag(gamma)
+    dlambda  -= M_t^T ((1 - gamma_t) dv)     do not commute, so the VJP takes (1-gamma) dv)
     dv       *= gamma_t
 
 Products stay per parameter and are reduced to each hyperparameter group's shape
@@ -63,12 +63,14 @@ def adjoint_step(model, hypers, t, step, X, y, w_t, v_next, recover_v, adj: Adjo
     if v_next is not None:
         hypers.accumulate(adj.grads, "lr", adj.dw * v_next, t)
     dv = adj.dv + step.alpha * adj.dw
-    g, hv, mv = model.grad_and_hvp(w_t, step.l2, X, y, dv)
+    # H and diag(1 - gamma) do not commute when the momentum differs between parameters:
+    # the VJP is taken against (1 - gamma) * dv, not scaled afterwards.
+    g, hv, mv = model.grad_and_hvp(w_t, step.l2, X, y, one_minus * dv)
     v_t = recover_v(g)
     if v_t is not None:
         hypers.accumulate(adj.grads, "momentum", dv * (v_t + g), t)
-    hypers.accumulate(adj.grads, "l2", -one_minus * mv, t)
-    adj.dw = adj.dw - one_minus * hv
+    hypers.accumulate(adj.grads, "l2", -mv, t)
+    adj.dw = adj.dw - hv
     adj.dv = step.gamma * dv
     check_finite("hypergradient (dw)", adj.dw, t)
     return g

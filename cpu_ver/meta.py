@@ -1,0 +1,172 @@
+"""Meta-optimisation: the outer loop over hyperparameters (ALGORITHMS.md s.3).
+
+Repeat: train (forward), compute the hypergradient of the meta-objective
+(exact reversal or DrMAD), update the free hyperparameter coordinates with a
+meta-optimiser, record train/validation/test curves.
+
+Meta-optimisers are (init, update) pairs of pure functions, as in optax::
+
+    state = init(x0);  x_new, state = update(x, grad, state)
+
+* SGD with momentum:  m = mu m + g;  x -= eta m
+* Adam (Kingma & Ba 2015), textbook (the reversible-learning code's "adam"
+  disabled momentum after step 0; this one does not):
+  m = b1 m + (1-b1) g;  s = b2 s + (1-b2) g^2;  x -= eta mhat / (sqrt(shat) + eps)
+* sign-SGD (as in the DrMAD experiments): x -= eta sign(g)
+
+Optional clipping rescales g to a maximum Euclidean norm. Non-finite
+hypergradients stop the loop with ``NonFiniteError`` naming the meta-iteration.
+The loop checkpoints after every meta-iteration and resumes to identical
+results: everything it depends on (hyperparameters, optimiser state, history)
+is in the checkpoint, and every training run is seeded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cpu_ver import drmad, reversible
+from cpu_ver.problem import Problem
+from shared.errors import ConfigError, NonFiniteError
+from shared.records import load_checkpoint, save_checkpoint
+
+
+class Optimizer(NamedTuple):
+    init: Callable
+    update: Callable
+
+
+def sgd_momentum(lr: float, mass: float = 0.9) -> Optimizer:
+    def init(x):
+        return {"m": np.zeros_like(x)}
+
+    def update(x, g, state):
+        m = mass * state["m"] + g
+        return x - lr * m, {"m": m}
+    return Optimizer(init, update)
+
+
+def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
+    def init(x):
+        return {"m": np.zeros_like(x), "s": np.zeros_like(x), "k": np.zeros(())}
+
+    def update(x, g, state):
+        k = state["k"] + 1
+        m = b1 * state["m"] + (1 - b1) * g
+        s = b2 * state["s"] + (1 - b2) * g * g
+        mhat, shat = m / (1 - b1 ** k), s / (1 - b2 ** k)
+        return x - lr * mhat / (np.sqrt(shat) + eps), {"m": m, "s": s, "k": k}
+    return Optimizer(init, update)
+
+
+def sign_sgd(lr: float) -> Optimizer:
+    def init(x):
+        return {}
+
+    def update(x, g, state):
+        return x - lr * np.sign(g), state
+    return Optimizer(init, update)
+
+
+OPTIMIZERS = {"sgd": sgd_momentum, "adam": adam, "sign": sign_sgd}
+
+
+def make_optimizer(name: str, lr: float) -> Optimizer:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"meta-optimiser must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    if not lr > 0:
+        raise ConfigError(f"meta learning rate must be positive, got {lr}")
+    return OPTIMIZERS[name](lr)
+
+
+def clip_by_norm(g: np.ndarray, max_norm) -> np.ndarray:
+    """g * min(1, max_norm / ||g||); no-op when max_norm is None."""
+    if max_norm is None:
+        return g
+    norm = float(np.linalg.norm(g))
+    return g if norm <= max_norm else g * (max_norm / norm)
+
+
+def compute_hypergradient(problem: Problem, hypers, method: str, drmad_opts: dict):
+    if method == "exact":
+        return reversible.hypergradient(problem, hypers)
+    if method == "drmad":
+        return drmad.hypergradient(problem, hypers, **drmad_opts)
+    raise ConfigError(f"hypergradient method must be 'exact' or 'drmad', got {method!r}")
+
+
+def evaluate(problem: Problem, w) -> dict:
+    """Train loss (cross-entropy on the whole training split), validation loss, test error."""
+    m = problem.model
+    out = {"train_loss": m.nll(w, problem.X_train, problem.y_train),
+           "val_loss": m.nll(w, problem.X_val, problem.y_val)}
+    if problem.X_test is not None and len(problem.y_test):
+        out["test_error"] = m.error(w, problem.X_test, problem.y_test)
+    return out
+
+
+def _fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_opts=None,
+        optimizer: str = "adam", meta_lr: float = 0.04, clip=None, checkpoint: Path = None,
+        resume: bool = False, config: dict = None, progress: bool = True, on_iter=None):
+    """The meta-optimisation loop. Returns ``(final hypers, history dict)``.
+
+    ``history`` has one entry per meta-iteration in ``train_loss``, ``val_loss``,
+    ``test_error``, ``hypergradient_norm`` and ``meta_objective``.
+    """
+    drmad_opts = dict(drmad_opts or {})
+    if method == "drmad" and drmad_opts.get("velocity") == "ignore":
+        bad = [g for g in ("lr", "momentum") if g in hypers.tuned]
+        if bad:
+            raise ConfigError(f"DrMAD with velocity='ignore' gives no hypergradient for {bad}; "
+                              "tune l2/init_scale only or use velocity='reconstruct'")
+    if n_meta < 0:
+        raise ConfigError(f"number of meta-iterations must be >= 0, got {n_meta}")
+    opt = make_optimizer(optimizer, meta_lr)
+    x = hypers.flatten()
+    state = opt.init(x)
+    keys = ("train_loss", "val_loss", "test_error", "hypergradient_norm", "meta_objective")
+    history = {k: [] for k in keys}
+    start = 0
+    fp = _fingerprint(config or {})
+    if resume:
+        if checkpoint is None or not Path(checkpoint).exists():
+            raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
+        arrays, meta = load_checkpoint(checkpoint, expect={"config": fp})
+        x = arrays["hypers"]
+        state = {k[len("opt_"):]: arrays[k] for k in arrays if k.startswith("opt_")}
+        history = {k: list(arrays["hist_" + k]) for k in keys}
+        start = int(meta["meta_iter"])
+        hypers = hypers.unflatten(x)
+    bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc=f"meta ({method})", disable=not progress)
+    for i in bar:
+        res = compute_hypergradient(problem, hypers, method, drmad_opts)
+        g = hypers.flatten_free_grads(res.grads)
+        if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
+            raise NonFiniteError("hypergradient", f"{i} (meta-iteration)",
+                                 f"meta-objective {res.objective}; the training run may have diverged, "
+                                 "lower the learning rates or the meta step")
+        ev = evaluate(problem, res.w_final)
+        gnorm = float(np.linalg.norm(g))
+        for k, v in [("train_loss", ev["train_loss"]), ("val_loss", ev["val_loss"]),
+                     ("test_error", ev.get("test_error", float("nan"))),
+                     ("hypergradient_norm", gnorm), ("meta_objective", res.objective)]:
+            history[k].append(float(v))
+        x, state = opt.update(x, clip_by_norm(g, clip), state)
+        hypers = hypers.unflatten(x)
+        bar.set_postfix(val=f"{ev['val_loss']:.4f}", gnorm=f"{gnorm:.3g}")
+        if checkpoint is not None:
+            arrays = {"hypers": x, **{"opt_" + k: np.asarray(v) for k, v in state.items()},
+                      **{"hist_" + k: np.asarray(v, float) for k, v in history.items()}}
+            save_checkpoint(checkpoint, arrays, {"config": fp, "meta_iter": i + 1})
+        if on_iter is not None:
+            on_iter(i, hypers, history)
+    return hypers, history
