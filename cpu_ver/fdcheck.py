@@ -36,7 +36,7 @@ def relative_error(a: float, n: float) -> float:
     return 0.0 if scale == 0 else abs(a - n) / scale
 
 
-def check_groups(problem: Problem, hypers, grads: dict, *, seed: int = 0, eps: float = 1e-4,
+def check_groups(problem: Problem, hypers, grads: dict, *, seed: int = 0, eps: float = 1e-3,
                  groups=None) -> list:
     """Compare ``grads`` (name -> gradient wrt constrained values) with finite differences of
     plain float training, one random direction per group. Momentum is perturbed around the
@@ -74,7 +74,7 @@ def check_problem(seed: int = 0, T: int = 50) -> tuple:
     return problem, hypers
 
 
-def check_methods(seed: int = 0, T: int = 50, eps: float = 1e-4) -> dict:
+def check_methods(seed: int = 0, T: int = 50, eps: float = 1e-3) -> dict:
     """method -> rows: exact reversal, DrMAD with K = T (both per group)."""
     problem, hypers = check_problem(seed, T)
     out = {}
