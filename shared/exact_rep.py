@@ -22,23 +22,32 @@ Two buffers implement that stack:
 * ``IntBuffer``: one unbounded Python integer per weight (the test oracle; the
   original implementation's object arrays). Popping an empty buffer gives 0.
 * ``VectorBuffer``: the production buffer, vectorised over weights, a
-  streaming range-variant ANS coder (Duda 2013; ``rans64`` layout: a 64-bit
-  head ``x`` per weight kept in ``[2^31, 2^63)`` and a stack of 32-bit words;
-  Townsend et al. 2019 use the same coder for bits-back). Symbols are coded
-  with a probability precision of ``M = 2^31``: the radix-d digit ``r1`` with
-  frequency ``2^31 / d`` (exactly uniform), and the radix-n digit ``r2`` with
-  frequency ``ceil((s+1) M / n) - ceil(s M / n)`` (so that the digit of a
-  slot is ``floor(slot n / M)``, one multiplication). Because M divides the
-  lower bound of the head's interval, encoding (push) and decoding (pop) are
-  exact inverses for any
-  state, so ``mul`` and ``div`` are exactly invertible. Each push of a radix-d
-  digit adds 16 bits; each pop of a radix-n digit removes
-  ``log2(M / f) = log2(n) + O(n / M)`` bits, so the buffer grows by
-  ``log2(d / n)`` bits per weight per multiplication up to about 1e-4 bits,
-  plus a constant. A general rANS decode with a radix that does not divide the
-  interval bound is NOT invertible (we tried: one weight in 50,000 fails after
-  ~400 steps), which is why non-power-of-two radices go through the frequency
-  table.
+  streaming range-variant ANS coder (Duda 2013; the coder Townsend et al. 2019
+  use for bits-back). Each weight has a 64-bit head ``x`` kept in
+  ``[2^31, 2^47)`` between operations and a stack of 16-bit words. Symbols are
+  coded with probability precision ``M = 2^31``: the radix-d digit ``r1``
+  with frequency ``M / d = 2^15`` (exactly uniform) and the radix-n digit
+  ``s`` with start ``ceil(s M / n)`` and frequency
+  ``f_s = ceil((s+1) M / n) - ceil(s M / n)`` (so the digit of a slot is
+  ``floor(slot n / M)``). One multiplication is::
+
+      y = (x div 2^15) M + (x mod 2^15) + r1 2^15      push r1: y in [2^47, 2^63)
+      s = floor((y mod M) n / M)                       pop s:
+      z = f_s (y div M) + (y mod M) - start_s          z in [f_s 2^16, f_s 2^32), z >= 2^31
+      while z >= 2^47: spill z mod 2^16; z = z div 2^16
+
+  and its inverse starts with ``while x < f_s 2^16: x = x 2^16 + unspill``:
+  the interval ``[f_s 2^16, f_s 2^32)`` spans exactly one factor 2^16, so the
+  number of spilled words is determined (rANS's b-uniqueness, with M dividing
+  the bound). The forward push never spills and the forward pop never reads
+  the stack, so the buffer spills one word per ``16 / log2(d/n)`` steps (about
+  100 at momentum 0.9) instead of moving words at every step. Each push adds
+  16 bits and each pop removes ``log2(M / f_s) = log2(n) + O(n / M)`` bits: the
+  buffer grows by ``log2(d / n)`` bits per weight per multiplication (to about
+  1e-4 bits), plus a constant below 16 bits. (A plain rANS pop with a radix
+  that does not divide the lower bound of the head's interval is not
+  invertible: one weight in 50,000 failed after a few hundred steps in a first
+  attempt; hence the frequency table.)
 """
 from __future__ import annotations
 
@@ -129,97 +138,99 @@ class IntBuffer:
 
 
 PREC = 31
-_M = _U64(2 ** PREC)
 _SLOT = _U64(2 ** PREC - 1)
-_RL = _U64(2 ** 31)              # lower bound of the head interval [2^31, 2^63)
-_LOW32 = _U64(0xFFFFFFFF)
-_SH32 = _U64(32)
+_LO = _U64(2 ** 31)             # the head lives in [2^31, 2^47) between operations
+_HI = _U64(2 ** 47)
+_LOW16 = _U64(0xFFFF)
+_SH16 = _U64(16)
 _SHP = _U64(PREC)
-_FD = _U64(2 ** PREC // D)       # frequency of each radix-d digit (uniform), 2^15
-_SHF = _U64(PREC - RADIX_BITS)   # log2(_FD)
+_FD = _U64(2 ** PREC // D)      # frequency of each radix-d digit (uniform), 2^15
+_SHF = _U64(PREC - RADIX_BITS)  # log2(_FD)
 _FMASK = _FD - _U64(1)
+_MF = np.float64(2 ** PREC)
 
 
 def _digit_range(s, n):
-    """(start, freq) of radix-n digit s: start = ceil(s M / n), freq = start(s+1) - start(s)."""
-    nm1 = n - _U64(1)
-    start = ((s << _SHP) + nm1) // n
-    end = (((s + _U64(1)) << _SHP) + nm1) // n
-    return start, end - start
+    """(start, freq) of radix-n digit s: start = ceil(s M / n), freq = start(s+1) - start(s).
+
+    Computed in float64, which is exact here: s M < 2^47 and n <= 2^16 are exact, the
+    quotient is correctly rounded, and a non-integer quotient is at least 1/n >= 2^-16
+    away from an integer while the rounding error is below 2^-21.
+    """
+    sm = s.astype(np.float64) * _MF
+    nf = np.float64(n) if np.ndim(n) == 0 else n.astype(np.float64)
+    start = np.ceil(sm / nf)
+    end = np.ceil((sm + _MF) / nf)
+    return start.astype(np.uint64), (end - start).astype(np.uint64)
 
 
 class VectorBuffer:
-    """Vectorised rANS buffer: a 64-bit head per weight in [2^31, 2^63) plus 32-bit words."""
+    """Vectorised rANS buffer: a 64-bit head per weight in [2^31, 2^47) plus 16-bit words."""
 
     def __init__(self, size: int, capacity: int = 8):
-        self.head = np.full(size, _RL, dtype=np.uint64)
+        self.head = np.full(size, _LO, dtype=np.uint64)
         self.depth = np.zeros(size, dtype=np.int64)
-        self.words = np.zeros((capacity, size), dtype=np.uint32)
+        self.words = np.zeros((capacity, size), dtype=np.uint16)
 
     @property
     def size(self) -> int:
         return self.head.shape[0]
 
     def _spill(self, idx) -> None:
-        d = self.depth[idx]
-        if int(d.max()) >= self.words.shape[0]:
-            grown = np.zeros((2 * self.words.shape[0], self.size), dtype=np.uint32)
-            grown[: self.words.shape[0]] = self.words
-            self.words = grown
-        self.words[d, idx] = (self.head[idx] & _LOW32).astype(np.uint32)
-        self.depth[idx] = d + 1
-        self.head[idx] >>= _SH32
+        while idx.size:
+            d = self.depth[idx]
+            if int(d.max()) >= self.words.shape[0]:
+                grown = np.zeros((2 * self.words.shape[0], self.size), dtype=np.uint16)
+                grown[: self.words.shape[0]] = self.words
+                self.words = grown
+            self.words[d, idx] = (self.head[idx] & _LOW16).astype(np.uint16)
+            self.depth[idx] = d + 1
+            self.head[idx] >>= _SH16
+            idx = idx[self.head[idx] >= _HI]
 
-    def _refill(self) -> None:
-        idx = np.flatnonzero(self.head < _RL)
-        if idx.size:
+    def _unspill(self, idx, bound) -> None:
+        while idx.size:
             d = self.depth[idx] - 1
             if int(d.min()) < 0:
                 raise ReversalError("information buffer underflow: more steps were reversed than were taken")
             self.depth[idx] = d
-            self.head[idx] = (self.head[idx] << _SH32) | self.words[d, idx].astype(np.uint64)
-
-    def _spill_above(self, limit) -> None:
-        idx = np.flatnonzero(self.head >= limit)
-        if idx.size:
-            self._spill(idx)
+            self.head[idx] = (self.head[idx] << _SH16) | self.words[d, idx].astype(np.uint64)
+            idx = idx[self.head[idx] < (bound if np.ndim(bound) == 0 else bound[idx])]
 
     def mul_step(self, r1, n) -> np.ndarray:
-        """push(r1, radix d) then pop(radix n); returns r2 (int64).
-
-        push: x = (x div f) M + (x mod f) + r1 f with f = M / d = 2^15 (shifts only);
-        pop:  slot = x mod M, s = floor(slot n / M), x = freq_s (x div M) + slot - start_s.
-        """
-        self._spill_above(_FD << _SH32)
+        """push(r1, radix d) then pop(radix n); returns the popped digit r2 (int64)."""
         x = self.head
-        x = ((x >> _SHF) << _SHP) | (x & _FMASK) | (np.asarray(r1).astype(np.uint64) << _SHF)
+        y = ((x >> _SHF) << _SHP) | (x & _FMASK) | (np.asarray(r1).astype(np.uint64) << _SHF)
         n = _as_u64(n)
-        slot = x & _SLOT
+        slot = y & _SLOT
         s = (slot * n) >> _SHP
         start, freq = _digit_range(s, n)
-        self.head = freq * (x >> _SHP) + slot - start
-        self._refill()
+        self.head = freq * (y >> _SHP) + slot - start
+        idx = np.flatnonzero(self.head >= _HI)
+        if idx.size:
+            self._spill(idx)
         return s.astype(np.int64)
 
     def div_step(self, r2, n) -> np.ndarray:
         """push(r2, radix n) then pop(radix d); returns r1 (int64). The inverse of ``mul_step``."""
         n = _as_u64(n)
         start, freq = _digit_range(np.asarray(r2).astype(np.uint64), n)
-        self._spill_above(freq << _SH32)
-        x = self.head
-        q = x // freq
-        x = (q << _SHP) + (x - q * freq) + start
-        slot = x & _SLOT
-        self.head = ((x >> _SHP) << _SHF) | (slot & _FMASK)
-        self._refill()
-        return (slot >> _SHF).astype(np.int64)
+        bound = freq << _SH16
+        idx = np.flatnonzero(self.head < bound)
+        if idx.size:
+            self._unspill(idx, bound)
+        z = self.head
+        q = z // freq
+        y = (q << _SHP) + (z - q * freq) + start
+        self.head = ((y >> _SHP) << _SHF) | (y & _FMASK)
+        return ((y & _SLOT) >> _SHF).astype(np.int64)
 
     def bits(self) -> float:
-        """Stored information in bits beyond the empty state: sum log2(x) - 31 + 32 depth."""
-        return float(np.sum(np.log2(self.head.astype(np.float64)) - 31.0) + 32.0 * np.sum(self.depth))
+        """Stored information in bits beyond the empty state: sum log2(x) - 31 + 16 depth."""
+        return float(np.sum(np.log2(self.head.astype(np.float64)) - 31.0) + 16.0 * np.sum(self.depth))
 
     def is_empty(self) -> bool:
-        return bool(np.all(self.head == _RL) and np.all(self.depth == 0))
+        return bool(np.all(self.head == _LO) and np.all(self.depth == 0))
 
     def fingerprint(self) -> int:
         return hash((self.head.tobytes(), self.depth.tobytes()))
