@@ -100,14 +100,26 @@ class MLP(MLPSpec):
         hv = vjp(layout.unflatten(v))
         return np.concatenate([h.ravel() for h in hv]) + 2.0 * l2 * v, 2.0 * w * v
 
-    def grad_and_hvp(self, w, l2, X, y, v):
-        """``(grad_w L, H v, M^T v)`` from one VJP of the gradient; the gradient is the
-        VJP's forward value, bit-identical to ``grad`` (tested), so exact reversal can use it."""
+    def grad_and_hvp_fn(self, w, l2, X, y):
+        """``(grad_w L, v -> (H v, M^T v))`` sharing one forward/backward pass.
+
+        The gradient is the VJP's forward value, bit-identical to ``grad`` (tested), so
+        exact reversal can use it; the closure is one VJP of the data-term gradient plus
+        the closed-form L2 terms 2 l2 v and 2 w v.
+        """
         layout = self.layout
         vjp, g = make_vjp(lambda p: _nll_grad(p, X, y, self.activation))(layout.unflatten(w))
-        hv = vjp(layout.unflatten(v))
-        return (np.concatenate([gi.ravel() for gi in g]) + 2.0 * l2 * w,
-                np.concatenate([h.ravel() for h in hv]) + 2.0 * l2 * v, 2.0 * w * v)
+
+        def hvp(v):
+            hv = vjp(layout.unflatten(v))
+            return np.concatenate([h.ravel() for h in hv]) + 2.0 * l2 * v, 2.0 * w * v
+
+        return np.concatenate([gi.ravel() for gi in g]) + 2.0 * l2 * w, hvp
+
+    def grad_and_hvp(self, w, l2, X, y, v):
+        """``(grad_w L, H v, M^T v)`` from one VJP of the gradient (see ``grad_and_hvp_fn``)."""
+        g, hvp = self.grad_and_hvp_fn(w, l2, X, y)
+        return (g, *hvp(v))
 
     def predict(self, w, X) -> np.ndarray:
         return np.argmax(_forward(self.layout.unflatten(w), X, self.activation), axis=1)

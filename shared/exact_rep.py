@@ -87,14 +87,15 @@ def quantised_momentum(gamma) -> np.ndarray:
 def to_fixed(x, what="value", step=None) -> np.ndarray:
     """trunc(x * 2^52) as int64; FixedPointOverflow if |x| >= 1024 or x is not finite."""
     x = np.asarray(x, dtype=np.float64)
-    bad = ~(np.abs(x) < X_LIMIT)
-    if np.any(bad):
+    t = x * SCALE                                   # exact: scaling by a power of two
+    if x.size and not np.max(np.abs(t)) < C_LIMIT:  # NaN propagates through max and fails too
+        bad = ~(np.abs(x) < X_LIMIT)
         i = int(np.flatnonzero(bad)[0])
         where = f" at step {step}" if step is not None else ""
         raise FixedPointOverflow(
             f"{what}{where}: entry {i} is {x.flat[i]!r}, outside the fixed-point range |x| < {X_LIMIT:g} "
             f"(lower the learning rate or the initial scale)")
-    return np.trunc(x * SCALE).astype(np.int64)
+    return t.astype(np.int64)                       # the C cast truncates toward zero
 
 
 def from_fixed(c) -> np.ndarray:
@@ -260,9 +261,9 @@ class ExactRep:
         return from_fixed(self.c)
 
     def _checked(self, c_new, step, what) -> np.ndarray:
-        bad = np.abs(c_new) >= C_LIMIT
-        if np.any(bad):
-            i = int(np.flatnonzero(bad)[0])
+        # |c| < 2^62 for both operands, so the int64 sum cannot wrap; check the result.
+        if c_new.size and max(int(c_new.max()), -int(c_new.min())) >= C_LIMIT:
+            i = int(np.flatnonzero(np.abs(c_new) >= C_LIMIT)[0])
             raise FixedPointOverflow(
                 f"{self.name} overflowed the fixed-point range |x| < {X_LIMIT:g} at step {step} "
                 f"({what}, entry {i}); lower the learning rate or the initial scale")

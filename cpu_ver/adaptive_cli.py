@@ -1,0 +1,215 @@
+"""``python -m cpu_ver adaptive``: one online run (cpu_ver/adaptive.py) with curves,
+hyperparameter trajectories, plots and results.json.
+
+``add_adaptive_arguments(parser)`` adds the options to a (sub)parser;
+``run_adaptive(args)`` runs and returns the results dictionary. The plain
+optimiser (SGD, Nesterov SGD or Adam to match the method) is run beside it
+for the same steps, seed and batches unless ``--no-baseline``.
+
+metrics: ``step``, ``train_loss`` (full training cross-entropy), ``val_loss``,
+``val_error`` per logged step; ``lr_quantiles`` / ``l2_quantiles`` (logged step
+x block x quantile, quantiles in ``quantiles``, blocks in ``blocks``);
+``final_*``; ``test_error``; ``baseline`` (the plain optimiser's curves);
+``n_projected`` (learning-rate projections that bit, additive HD only).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cpu_ver import adaptive as ad
+from cpu_ver.models import MLP, parse_layers
+from shared.errors import ConfigError
+
+_DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+BASELINE_OF = {"sgdn-hd": "sgdn", "adam-hd": "adam"}
+
+
+def _has(parser, opt):
+    return opt in parser._option_string_actions
+
+
+def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``adaptive`` command's options to ``parser`` (``--seed``/``--out`` unless present)."""
+    a = parser.add_argument
+    if not _has(parser, "--seed"):
+        a("--seed", type=int, default=0, help="seed for initial weights and minibatches (default 0)")
+    if not _has(parser, "--out"):
+        a("--out", default=None, help="output folder (default runs/adaptive-<time>)")
+    a("--method", default="hd", choices=ad.METHOD_NAMES, help="online method (default hd)")
+    a("--dataset", default="digits", choices=("digits", "mnist", "mnist-t10k", "synthetic"),
+      help="digits (default, embedded), mnist (4 IDX files), mnist-t10k (t10k pair only), synthetic")
+    a("--data-dir", default=None, help=f"folder with the MNIST IDX files (default {_DEFAULT_MNIST} if present)")
+    a("--n-train", type=int, default=None, help="training examples (loader default)")
+    a("--n-val", type=int, default=None, help="validation examples (loader default)")
+    a("--layers", default=None, help="layer sizes, e.g. 64,50,10 (default: input,50,classes; "
+                                     "'input,classes' style for logistic regression)")
+    a("--activation", default="tanh", choices=("tanh", "relu", "softplus"))
+    a("--steps", type=int, default=500, help="minibatch steps (default 500)")
+    a("--batch", type=int, default=128, help="minibatch size (default 128)")
+    a("--lr", type=float, default=1e-2, help="initial learning rate alpha_0 (default 1e-2)")
+    a("--beta", type=float, default=1e-3, help="hypergradient step for hd/sgdn-hd/adam-hd/almeida/combined "
+                                               "(default 1e-3; log space and combined follow "
+                                               "alpha * dL/dalpha, so use a larger beta there)")
+    a("--granularity", default="global", choices=ad.GRANULARITIES,
+      help="learning rates per global|block|unit|param (HD methods; default global)")
+    a("--log-space", action="store_true", help="HD: adapt log alpha instead of alpha")
+    a("--momentum", type=float, default=0.9, help="momentum for sgdn-hd (default 0.9)")
+    a("--l2", type=float, default=0.0, help="fixed L2 strength for the learning-rate methods (default 0)")
+    a("--theta", type=float, default=1.0, help="IDBD meta step size (default 1)")
+    a("--mu", type=float, default=10.0, help="SMD meta step size (default 10)")
+    a("--trace-decay", type=float, default=None,
+      help="IDBD trace decay (default 1) / SMD lambda (default 0.99), in [0, 1]")
+    a("--curvature", default="diag", choices=("diag", "hvp"), help="IDBD trace: diagonal approximation or HVP")
+    a("--l2-init", type=float, default=1e-4, help="T1-T2 initial L2 strength (default 1e-4)")
+    a("--l2-groups", default="block", choices=ad.GRANULARITIES, help="T1-T2 L2 strengths per ... (default block)")
+    a("--meta-lr", type=float, default=2e-2, help="T1-T2 meta step (Adam on log L2; default 2e-2)")
+    a("--meta-opt", default="adam", choices=("adam", "sgd"), help="T1-T2 meta optimiser (default adam)")
+    a("--hyper-every", type=int, default=1, help="T1-T2: one hyper step every N weight steps (default 1)")
+    a("--hyper-at", default="next", choices=("next", "current"),
+      help="T1-T2: validation gradient at w_t+1 (exact) or w_t (original)")
+    a("--clip", type=float, default=None, help="clip hypergradients elementwise to +-CLIP (default off)")
+    a("--eval-every", type=int, default=10, help="log curves every N steps (default 10)")
+    a("--no-baseline", dest="baseline", action="store_false", help="skip the plain optimiser's run")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def method_kwargs(args, n_params_layout) -> dict:
+    """Constructor options of ``args.method`` from the command-line options."""
+    m = args.method
+    if m in ("hd", "sgdn-hd", "adam-hd"):
+        return dict(lr=args.lr, beta=args.beta, granularity=args.granularity, log_space=args.log_space,
+                    momentum=args.momentum, l2=args.l2, clip=args.clip)
+    if m == "almeida":
+        return dict(lr=args.lr, beta=args.beta, l2=args.l2, clip=args.clip)
+    if m == "idbd":
+        return dict(lr=args.lr, theta=args.theta, trace_decay=1.0 if args.trace_decay is None else args.trace_decay,
+                    curvature=args.curvature, l2=args.l2, clip=args.clip)
+    if m == "smd":
+        return dict(lr=args.lr, mu=args.mu, lam=0.99 if args.trace_decay is None else args.trace_decay,
+                    l2=args.l2, clip=args.clip)
+    common = dict(l2_init=args.l2_init, l2_groups=args.l2_groups, meta_lr=args.meta_lr,
+                  every=args.hyper_every, at=args.hyper_at, clip=args.clip, meta_opt=args.meta_opt)
+    if m == "t1t2":
+        return dict(lr=args.lr, **common)
+    return dict(lr=args.lr, beta=args.beta, lr_granularity="param", **common)
+
+
+def baseline_method(args, layout):
+    opt = BASELINE_OF.get(args.method, "sgd")
+    l2 = args.l2_init if args.method in ("t1t2", "combined") else args.l2
+    return ad.make_method(opt, layout, lr=args.lr, l2=l2, momentum=args.momentum)
+
+
+def _load(args):
+    from shared.datasets import load
+
+    data_dir = args.data_dir
+    if data_dir is None and args.dataset in ("mnist", "mnist-t10k") and _DEFAULT_MNIST.is_dir():
+        data_dir = str(_DEFAULT_MNIST)
+    return load(args.dataset, data_dir=data_dir, n_train=args.n_train, n_val=args.n_val, seed=args.seed)
+
+
+def _plot(run_dir, res, base, method_name, base_name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from shared.records import save_figure
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for key, a in (("train_loss", ax[0]), ("val_loss", ax[1])):
+        a.plot(res["step"], res[key], label=method_name)
+        if base is not None:
+            a.plot(base["step"], base[key], "--", label=base_name)
+        a.set_xlabel("step")
+        a.set_ylabel(key.replace("_", " "))
+        a.set_yscale("log")
+        a.legend()
+    fig.tight_layout()
+    save_figure(fig, Path(run_dir) / "curves.png")
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    steps = np.array(res["step"])
+    for key, a, lab in (("lr_quantiles", ax[0], "learning rate"), ("l2_quantiles", ax[1], "L2 strength")):
+        q = np.array(res[key])          # steps x blocks x quantiles (0, .1, .5, .9, 1)
+        for b, name in enumerate(res["blocks"]):
+            line, = a.plot(steps, np.maximum(q[:, b, 2], 1e-300), label=name)
+            a.fill_between(steps, np.maximum(q[:, b, 1], 1e-300), np.maximum(q[:, b, 3], 1e-300),
+                           color=line.get_color(), alpha=0.2)
+        a.set_xlabel("step")
+        a.set_ylabel(f"{lab} (median, 10-90% per block)")
+        if np.all(q > 0):
+            a.set_yscale("log")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, Path(run_dir) / "hyperparameters.png")
+
+
+def run_adaptive(args) -> dict:
+    """Run ``args.method`` (and the plain baseline), write results.json and plots; return results."""
+    from shared.records import default_run_dir, make_run_dir, write_results
+
+    timings = {}
+    t0 = time.perf_counter()
+    ds = _load(args)
+    timings["load_s"] = time.perf_counter() - t0
+    X, y, Xv, yv = ds.train.X.reshape(len(ds.train), -1), ds.train.y, ds.val.X.reshape(len(ds.val), -1), ds.val.y
+    sizes = parse_layers(args.layers) if args.layers else (X.shape[1], 50, ds.n_classes)
+    model = MLP(sizes, args.activation)
+    model.check_data(X, y, "training split")
+    if args.steps < 1 or args.eval_every < 1:
+        raise ConfigError("--steps and --eval-every must be >= 1")
+    method = ad.make_method(args.method, model.layout, **method_kwargs(args, model.layout.size))
+    run_dir = make_run_dir(args.out or default_run_dir("adaptive"))
+
+    t0 = time.perf_counter()
+    res, w, state = ad.train_online(method, model, (X, y, Xv, yv), args.steps, args.batch, args.seed,
+                                    args.eval_every, progress=args.progress, desc=args.method)
+    timings["train_s"] = time.perf_counter() - t0
+    metrics = dict(res)
+    metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
+                   final_val_error=res["val_error"][-1],
+                   test_error=model.error(w, ds.test.X.reshape(len(ds.test), -1), ds.test.y) if len(ds.test) else None)
+    lr_state = state.lr if isinstance(state, ad.CombinedState) else state
+    if hasattr(lr_state, "n_projected"):
+        metrics["n_projected"] = int(lr_state.n_projected)
+    base = None
+    base_name = BASELINE_OF.get(args.method, "sgd")
+    if args.baseline:
+        t0 = time.perf_counter()
+        base, wb, _ = ad.train_online(baseline_method(args, model.layout), model, (X, y, Xv, yv), args.steps,
+                                      args.batch, args.seed, args.eval_every, record_hypers=False,
+                                      progress=args.progress, desc=base_name)
+        timings["baseline_s"] = time.perf_counter() - t0
+        metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
+                                   final_val_loss=base["val_loss"][-1])
+    t0 = time.perf_counter()
+    _plot(run_dir, res, base, args.method, base_name)
+    timings["plots_s"] = time.perf_counter() - t0
+    config = {k: v for k, v in vars(args).items() if not callable(v)}
+    config.update(layers=list(sizes), method_config=method.config, data=ds.describe())
+    write_results(run_dir, sys.argv, config, metrics, timings, packages=("numpy", "scipy", "autograd"))
+    line = (f"{args.method}: final train loss {metrics['final_train_loss']:.4f}, val loss "
+            f"{metrics['final_val_loss']:.4f}, val error {metrics['final_val_error']:.4f}")
+    if base is not None:
+        line += f"; {base_name}: train loss {base['train_loss'][-1]:.4f}, val loss {base['val_loss'][-1]:.4f}"
+    print(line)
+    print(f"results: {Path(run_dir) / 'results.json'}")
+    return {"run_dir": str(run_dir), "config": config, "metrics": metrics, "timings": timings}
+
+
+def main(argv=None):
+    """Stand-alone entry (``python -m cpu_ver.adaptive_cli``) until __main__ registers the command."""
+    p = add_adaptive_arguments(argparse.ArgumentParser(prog="python -m cpu_ver adaptive", description=__doc__,
+                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    run_adaptive(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

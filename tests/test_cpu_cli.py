@@ -1,0 +1,85 @@
+"""End-to-end tests of ``python -m cpu_ver`` (meta, hypergrad, check) and its errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpu_ver.__main__ import main
+from cpu_ver.fdcheck import check_methods
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--layers", "64,12,10", "--iters", "12", "--batch", "50", "--n-train", "300", "--n-val", "200",
+        "--no-progress"]
+
+
+def _results(d):
+    return json.loads((Path(d) / "results.json").read_text())
+
+
+def test_meta_writes_record_plots_and_validation_loss_falls(tmp_path):
+    out = tmp_path / "m"
+    assert main(["meta", "--out", str(out), "--meta-iters", "6", "--lr", "0.2", *TINY]) == 0
+    r = _results(out)
+    assert set(r) >= {"command", "versions", "config", "metrics", "timings"}
+    val = r["metrics"]["val_loss"]
+    assert len(val) == 6 and val[-1] < val[0]
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    assert (out / "hyperparameters.png").stat().st_size > 1000
+    assert (out / "command.txt").exists()
+
+
+def test_meta_resume_equals_uninterrupted(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = [*TINY, "--meta-iters"]
+    assert main(["meta", "--out", str(full), *args, "4"]) == 0
+    assert main(["meta", "--out", str(part), *args, "2"]) == 0
+    assert main(["meta", "--out", str(part), *args, "4", "--resume"]) == 0
+    a, b = _results(full)["metrics"], _results(part)["metrics"]
+    for k in ("val_loss", "train_loss", "hypergradient_norm"):
+        assert a[k] == b[k], k
+    # a second run into a folder with a checkpoint, without --resume, is refused
+    assert main(["meta", "--out", str(part), *args, "4"]) == 2
+
+
+def test_hypergrad_all_agrees_with_finite_differences(tmp_path):
+    out = tmp_path / "h"
+    assert main(["hypergrad", "--method", "all", "--out", str(out), "--K", "12", *TINY]) == 0
+    m = _results(out)["metrics"]
+    assert m["reversal_max_abs_error"] == 0.0
+    assert m["max_rel_err_exact_vs_fd"] < 1e-6
+    assert min(m["cosine_drmad_vs_exact"].values()) > 1 - 1e-9   # K = T: DrMAD equals exact
+
+
+def test_check_methods_within_tolerance():
+    for method, rows in check_methods(T=50).items():
+        for group, a, n, err in rows:
+            assert err < 1e-6, (method, group, a, n, err)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--momentum", "1.5"], ["momentum", "1.5"]),
+    (["--layers", "10,5,10"], ["input features", "64"]),
+    (["--lr", "1e9"], ["fixed-point", "step"]),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent-dir"], ["nonexistent-dir"]),
+])
+def test_bad_input_clear_error_and_nothing_overwritten(tmp_path, capsys, args, words):
+    out = tmp_path / "r"
+    assert main(["hypergrad", "--out", str(out), *TINY]) == 0
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    argv = ["hypergrad", "--out", str(out), *TINY, *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err, (w, err)
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_cli_subprocess_exit_status(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "cpu_ver", "hypergrad", "--momentum", "0", *TINY],
+                       cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 2 and "momentum" in p.stderr and "Traceback" not in p.stderr
