@@ -57,7 +57,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +66,7 @@ import numpy as np
 
 from shared.errors import ConfigError
 from shared.layout import ParamLayout
+from shared.records import write_bytes_atomic
 
 TRANSFORMS = ("log", "logit", "identity")
 SHAPES = ("scalar", "block", "param", "iter", "iter_block")
@@ -588,8 +588,8 @@ class HyperParams:
                            for i, g in enumerate(self.groups)],
                 "tuned": list(self.tuned),
                 "npz": npz_path.name, "npz_sha256": hashlib.sha256(data).hexdigest()}
-        _atomic_write(npz_path, data)
-        _atomic_write(json_path, (json.dumps(desc, indent=1) + "\n").encode())
+        write_bytes_atomic(npz_path, data)
+        write_bytes_atomic(json_path, (json.dumps(desc, indent=1) + "\n").encode())
 
     @classmethod
     def load(cls, path, layout: Optional[ParamLayout] = None) -> "HyperParams":
@@ -649,24 +649,6 @@ def _paths(path) -> tuple:
     p = Path(os.fspath(path))
     stem = p.with_suffix("") if p.suffix in (".npz", ".json") else p
     return stem.parent / (stem.name + ".npz"), stem.parent / (stem.name + ".json")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # --- the command line's container -------------------------------------------------

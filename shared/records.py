@@ -164,6 +164,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_bytes_atomic(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (creating the folder if needed)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
 def write_text_atomic(path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with _atomic_open(path, "wb") as f:
