@@ -128,6 +128,15 @@ class IntBuffer:
         self.B = self.B // D
         return r1.astype(np.int64)
 
+    def mul_fixed(self, c, n) -> np.ndarray:
+        """c * n / d on fixed-point integers: (c div d) n + pop_n, with c mod d pushed."""
+        return (c >> RADIX_BITS) * n + self.mul_step(c & (D - 1), n)
+
+    def div_fixed(self, c, n) -> np.ndarray:
+        """The inverse of ``mul_fixed``: (c div n) d + pop_d, with c mod n pushed."""
+        q = c // n
+        return (q << RADIX_BITS) | self.div_step(c - q * n, n)
+
     def bits(self) -> float:
         return float(sum(int(b).bit_length() for b in self.B))
 
@@ -172,10 +181,25 @@ class VectorBuffer:
         self.head = np.full(size, _LO, dtype=np.uint64)
         self.depth = np.zeros(size, dtype=np.int64)
         self.words = np.zeros((capacity, size), dtype=np.uint16)
+        self._tables = {}
 
     @property
     def size(self) -> int:
         return self.head.shape[0]
+
+    def _digit_range(self, s, n):
+        """``_digit_range`` through a cached table of starts when n is uniform (two gathers)."""
+        if np.ndim(n):
+            return _digit_range(s, n)
+        tab = self._tables.get(int(n))
+        if tab is None:
+            if len(self._tables) > 64:
+                self._tables.clear()
+            tab = _digit_range(np.arange(int(n) + 1, dtype=np.uint64), n)[0]
+            self._tables[int(n)] = tab
+        i = s.view(np.int64)                      # digits are < 2^16: same bits
+        start = tab.take(i)
+        return start, tab.take(i + 1) - start
 
     def _spill(self, idx) -> None:
         while idx.size:
@@ -205,7 +229,7 @@ class VectorBuffer:
         n = _as_u64(n)
         slot = y & _SLOT
         s = (slot * n) >> _SHP
-        start, freq = _digit_range(s, n)
+        start, freq = self._digit_range(s, n)
         self.head = freq * (y >> _SHP) + slot - start
         idx = np.flatnonzero(self.head >= _HI)
         if idx.size:
@@ -215,7 +239,7 @@ class VectorBuffer:
     def div_step(self, r2, n) -> np.ndarray:
         """push(r2, radix n) then pop(radix d); returns r1 (int64). The inverse of ``mul_step``."""
         n = _as_u64(n)
-        start, freq = _digit_range(np.asarray(r2).astype(np.uint64), n)
+        start, freq = self._digit_range(np.asarray(r2).astype(np.uint64), n)
         bound = freq << _SH16
         idx = np.flatnonzero(self.head < bound)
         if idx.size:
@@ -226,6 +250,15 @@ class VectorBuffer:
         self.head = ((y >> _SHP) << _SHF) | (y & _FMASK)
         return ((y & _SLOT) >> _SHF).astype(np.int64)
 
+    def mul_fixed(self, c, n) -> np.ndarray:
+        """c * n / d on fixed-point integers: (c div d) n + pop_n, with c mod d pushed."""
+        return (c >> RADIX_BITS) * n + self.mul_step(c & (D - 1), n)
+
+    def div_fixed(self, c, n) -> np.ndarray:
+        """The inverse of ``mul_fixed``: (c div n) d + pop_d, with c mod n pushed."""
+        q = c // n
+        return (q << RADIX_BITS) | self.div_step(c - q * n, n)
+
     def bits(self) -> float:
         """Stored information in bits beyond the empty state: sum log2(x) - 31 + 16 depth."""
         return float(np.sum(np.log2(self.head.astype(np.float64)) - 31.0) + 16.0 * np.sum(self.depth))
@@ -235,6 +268,49 @@ class VectorBuffer:
 
     def fingerprint(self) -> int:
         return hash((self.head.tobytes(), self.depth.tobytes()))
+
+
+class FastBuffer(VectorBuffer):
+    """``VectorBuffer`` with its arithmetic in compiled one-pass kernels (``exact_kernels``).
+
+    Same state layout and bit-identical results (tested); also fuses the fixed-point
+    update of c with the buffer operations."""
+
+    def __init__(self, size: int, capacity: int = 8):
+        super().__init__(size, capacity)
+        self._maxd = 0
+
+    def _ensure_rows(self, extra: int) -> None:
+        need = self._maxd + extra
+        if need > self.words.shape[0]:
+            grown = np.zeros((max(need, 2 * self.words.shape[0]), self.size), dtype=np.uint16)
+            grown[: self.words.shape[0]] = self.words
+            self.words = grown
+
+    def mul_fixed(self, c, n) -> np.ndarray:
+        from shared import exact_kernels as K
+        self._ensure_rows(3)                         # a multiplication spills at most 2 words
+        self._maxd = max(self._maxd, int(K.mul_kernel(c, self.head, self.depth, self.words,
+                                                      np.asarray(n, dtype=np.int64).reshape(-1))))
+        return c
+
+    def div_fixed(self, c, n) -> np.ndarray:
+        from shared import exact_kernels as K
+        bad = int(K.div_kernel(c, self.head, self.depth, self.words, np.asarray(n, dtype=np.int64).reshape(-1)))
+        if bad >= 0:
+            raise ReversalError("information buffer underflow: more steps were reversed than were taken")
+        return c
+
+
+def _has_numba() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BUFFERS = {"vector": FastBuffer if _has_numba() else VectorBuffer, "numpy": VectorBuffer, "int": IntBuffer}
 
 
 def _as_u64(n):
@@ -251,10 +327,14 @@ class ExactRep:
     """
 
     def __init__(self, x, name: str = "tensor", buffer: str = "vector"):
+        """``buffer``: 'vector' (compiled kernels; numpy if numba is absent), 'numpy', or
+        'int' (the Python-integer oracle)."""
+        if buffer not in BUFFERS:
+            raise ConfigError(f"buffer must be one of {sorted(BUFFERS)}, got {buffer!r}")
         x = np.asarray(x, dtype=np.float64)
         self.name = name
         self.c = to_fixed(x, name)
-        self.buffer = VectorBuffer(x.size) if buffer == "vector" else IntBuffer(x.size)
+        self.buffer = BUFFERS[buffer](x.size)
 
     @property
     def val(self) -> np.ndarray:
@@ -264,33 +344,45 @@ class ExactRep:
         # |c| < 2^62 for both operands, so the int64 sum cannot wrap; check the result.
         if c_new.size and max(int(c_new.max()), -int(c_new.min())) >= C_LIMIT:
             i = int(np.flatnonzero(np.abs(c_new) >= C_LIMIT)[0])
-            raise FixedPointOverflow(
-                f"{self.name} overflowed the fixed-point range |x| < {X_LIMIT:g} at step {step} "
-                f"({what}, entry {i}); lower the learning rate or the initial scale")
+            self._overflow(step, what, i)
         return c_new
 
-    def add(self, a, step=None) -> "ExactRep":
-        self.c = self._checked(self.c + to_fixed(a, f"increment of {self.name}", step), step, "add")
+    def _overflow(self, step, what, i):
+        raise FixedPointOverflow(
+            f"{self.name} overflowed the fixed-point range |x| < {X_LIMIT:g} at step {step} "
+            f"({what}, entry {i}); lower the learning rate or the initial scale")
+
+    def _add(self, a, step, sign, what) -> "ExactRep":
+        if isinstance(self.buffer, FastBuffer):
+            from shared import exact_kernels as K
+            a = np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=np.float64), self.c.shape))
+            r = int(K.add_kernel(self.c, a, sign))
+            if r >= 0:
+                to_fixed(a[r:r + 1], f"{what} of {self.name} (entry {r})", step)   # raises, naming it
+            if r < -1:
+                self._overflow(step, what, -r - 2)
+            return self
+        inc = to_fixed(a, f"{what} of {self.name}", step)
+        self.c = self._checked(self.c + inc if sign > 0 else self.c - inc, step, what)
         return self
 
+    def add(self, a, step=None) -> "ExactRep":
+        return self._add(a, step, 1, "increment")
+
     def sub(self, a, step=None) -> "ExactRep":
-        self.c = self._checked(self.c - to_fixed(a, f"decrement of {self.name}", step), step, "sub")
-        return self
+        return self._add(a, step, -1, "decrement")
 
     def mul(self, n, step=None) -> "ExactRep":
         """c <- c * n / d exactly invertibly (n an int, or an int array, in [1, d]).
 
         c = (c div d) n + r2, where r1 = c mod d goes into the buffer and r2 comes out of it.
         """
-        r1 = self.c & (D - 1)                      # c mod d (floor semantics, two's complement)
-        self.c = (self.c >> RADIX_BITS) * n + self.buffer.mul_step(r1, n)
+        self.c = self.buffer.mul_fixed(self.c, n)
         return self
 
     def div(self, n, step=None) -> "ExactRep":
         """The inverse of ``mul(n)``: c <- (c div n) d + r1 with r2 = c mod n pushed back."""
-        q = self.c // n
-        r2 = self.c - q * n
-        self.c = (q << RADIX_BITS) | self.buffer.div_step(r2, n)
+        self.c = self.buffer.div_fixed(self.c, n)
         return self
 
     def fingerprint(self) -> int:
