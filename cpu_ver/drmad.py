@@ -46,8 +46,8 @@ VELOCITIES = ("reconstruct", "ignore")
 
 def checkpoint_steps(T: int, K: int) -> np.ndarray:
     """s_k = round(k T / K), k = 0..K (K clipped to T)."""
-    if K < 1:
-        raise ConfigError(f"DrMAD needs at least one segment (K >= 1), got K={K}")
+    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or K < 1:
+        raise ConfigError(f"DrMAD needs a whole number of segments K >= 1, got K={K!r}")
     K = min(int(K), T)
     return np.unique(np.round(np.arange(K + 1) * T / K).astype(int))
 
