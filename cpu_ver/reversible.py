@@ -82,8 +82,14 @@ def finish(problem: Problem, hypers, adj: Adjoint):
     return adj.grads
 
 
-def _fingerprint(W: ExactRep, V: ExactRep):
-    return (int(W.c.sum()), int(V.c.sum()))
+def _fingerprint(W: ExactRep, V: ExactRep, keys: np.ndarray):
+    """Two wrapping int64 sums of the state weighted by fixed random odd keys: a change in
+    any entry changes them (equal and opposite changes do not cancel)."""
+    return (int(np.dot(W.c, keys)), int(np.dot(V.c, keys)))
+
+
+def _keys(size: int) -> np.ndarray:
+    return np.random.default_rng(12345).integers(1, 2 ** 62, size, dtype=np.int64) | 1
 
 
 @dataclass
@@ -93,6 +99,7 @@ class Trajectory:
     V: ExactRep
     w0_fixed: np.ndarray
     fingerprints: list
+    keys: np.ndarray
 
 
 def forward(problem: Problem, hypers, *, buffer: str = "vector", progress: bool = False) -> Trajectory:
@@ -101,16 +108,17 @@ def forward(problem: Problem, hypers, *, buffer: str = "vector", progress: bool 
     W = ExactRep(problem.w0(hypers), "weights", buffer)
     V = ExactRep(np.zeros(model.layout.size), "velocity", buffer)
     w0_fixed = W.c.copy()
+    keys = _keys(W.c.size)
     prints = []
     for t in tqdm(range(problem.n_iters), desc="exact forward", disable=not progress, leave=False):
-        prints.append(_fingerprint(W, V))
+        prints.append(_fingerprint(W, V, keys))
         s = schedule(hypers, t)
         X, y = problem.batch(t)
         g = model.grad(W.val, s.l2, X, y)
         check_finite("training gradient", g, t)
         V.mul(s.n, t).sub((1.0 - s.gamma) * g, t)
         W.add(s.alpha * V.val, t)
-    return Trajectory(W, V, w0_fixed, prints)
+    return Trajectory(W, V, w0_fixed, prints, keys)
 
 
 @dataclass
@@ -141,7 +149,7 @@ def reverse(problem: Problem, hypers, traj: Trajectory, *, progress: bool = Fals
             return V.val
 
         adjoint_step(model, hypers, t, s, X, y, W.val, v_next, recover_v, adj)
-        if _fingerprint(W, V) != traj.fingerprints[t]:
+        if _fingerprint(W, V, traj.keys) != traj.fingerprints[t]:
             raise ReversalError(f"exact reversal diverged from the forward pass at step {t} "
                                 "(gradients not bit-reproducible?)")
     err = float(np.max(np.abs(W.c - traj.w0_fixed))) if W.c.size else 0.0

@@ -34,6 +34,7 @@ _ONE = np.uint64(1)
 _SCALE = float(2 ** 52)
 _CLIM = 2 ** 62
 _CLIMF = float(2 ** 62)
+_QLIM = 2 ** 46
 
 
 @numba.njit(cache=True, nogil=True)
@@ -76,13 +77,16 @@ def mul_kernel(c, head, depth, words, n_arr):
 
 @numba.njit(cache=True, nogil=True)
 def div_kernel(c, head, depth, words, n_arr):
-    """In place: the inverse of ``mul_kernel``. Returns -1, or the index of a buffer underflow."""
+    """In place: the inverse of ``mul_kernel``. Returns -1, the index of a buffer underflow,
+    or -(index + 2) where the quotient leaves the range (entries before it are updated)."""
     size = c.shape[0]
     uniform = n_arr.shape[0] == 1
     for i in range(size):
         n = n_arr[0] if uniform else n_arr[i]
         ci = c[i]
         q = ci // n                      # floor division, as numpy
+        if q >= _QLIM or q < -_QLIM:
+            return -(i + 2)              # the result would leave the fixed-point range
         r2 = np.uint64(ci - q * n)
         st = _start(r2, n)
         f = _start(r2 + _ONE, n) - st

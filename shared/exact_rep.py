@@ -76,7 +76,11 @@ def momentum_numerator(gamma) -> np.ndarray:
     if not np.all(np.isfinite(g)) or np.any(g <= 0) or np.any(g >= 1):
         bad = g[~((g > 0) & (g < 1))] if g.ndim else g
         raise ConfigError(f"momentum must lie in (0, 1); got {np.ravel(bad)[:5].tolist()}")
-    return np.minimum(np.floor(g * D).astype(np.int64) + 1, D)
+    n = np.floor(g * D).astype(np.int64) + 1
+    if np.any(n >= D):
+        raise ConfigError(f"momentum {float(np.max(g))!r} is too close to 1: with the 2^-16 quantisation it "
+                          f"would be applied as exactly 1 (use at most {1 - 2.0 ** -15:.6f})")
+    return n
 
 
 def quantised_momentum(gamma) -> np.ndarray:
@@ -87,7 +91,8 @@ def quantised_momentum(gamma) -> np.ndarray:
 def to_fixed(x, what="value", step=None) -> np.ndarray:
     """trunc(x * 2^52) as int64; FixedPointOverflow if |x| >= 1024 or x is not finite."""
     x = np.asarray(x, dtype=np.float64)
-    t = x * SCALE                                   # exact: scaling by a power of two
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = x * SCALE                               # exact: scaling by a power of two
     if x.size and not np.max(np.abs(t)) < C_LIMIT:  # NaN propagates through max and fails too
         bad = ~(np.abs(x) < X_LIMIT)
         i = int(np.flatnonzero(bad)[0])
@@ -101,6 +106,13 @@ def to_fixed(x, what="value", step=None) -> np.ndarray:
 def from_fixed(c) -> np.ndarray:
     """Float64 view c / 2^52 (rounded to nearest for |c| > 2^53)."""
     return np.asarray(c).astype(np.float64) / SCALE
+
+
+def _check_quotient(q) -> None:
+    """Division by a momentum must not leave the fixed-point range (|c div n| < 2^46)."""
+    lim = C_LIMIT >> RADIX_BITS                  # then -2^62 <= q d + r1 < 2^62: no wrap
+    if q.size and (int(q.max()) >= lim or int(q.min()) < -lim):
+        raise FixedPointOverflow(f"division by the momentum left the fixed-point range |x| < {X_LIMIT:g}")
 
 
 class IntBuffer:
@@ -135,6 +147,7 @@ class IntBuffer:
     def div_fixed(self, c, n) -> np.ndarray:
         """The inverse of ``mul_fixed``: (c div n) d + pop_d, with c mod n pushed."""
         q = c // n
+        _check_quotient(q)
         return (q << RADIX_BITS) | self.div_step(c - q * n, n)
 
     def bits(self) -> float:
@@ -257,6 +270,7 @@ class VectorBuffer:
     def div_fixed(self, c, n) -> np.ndarray:
         """The inverse of ``mul_fixed``: (c div n) d + pop_d, with c mod n pushed."""
         q = c // n
+        _check_quotient(q)
         return (q << RADIX_BITS) | self.div_step(c - q * n, n)
 
     def bits(self) -> float:
@@ -297,6 +311,9 @@ class FastBuffer(VectorBuffer):
     def div_fixed(self, c, n) -> np.ndarray:
         from shared import exact_kernels as K
         bad = int(K.div_kernel(c, self.head, self.depth, self.words, np.asarray(n, dtype=np.int64).reshape(-1)))
+        if bad < -1:
+            raise FixedPointOverflow(f"division by the momentum left the fixed-point range |x| < {X_LIMIT:g} "
+                                     f"(entry {-bad - 2})")
         if bad >= 0:
             raise ReversalError("information buffer underflow: more steps were reversed than were taken")
         return c
@@ -382,7 +399,10 @@ class ExactRep:
 
     def div(self, n, step=None) -> "ExactRep":
         """The inverse of ``mul(n)``: c <- (c div n) d + r1 with r2 = c mod n pushed back."""
-        self.c = self.buffer.div_fixed(self.c, n)
+        try:
+            self.c = self.buffer.div_fixed(self.c, n)
+        except FixedPointOverflow as e:
+            raise FixedPointOverflow(f"{self.name} at step {step}: {e}") from None
         return self
 
     def fingerprint(self) -> int:
