@@ -1,0 +1,169 @@
+"""``python -m gpu_ver <command>``: the Theano backend's command line.
+
+Commands live in the registry ``COMMANDS`` (name -> ``Command``). To add one,
+write ``add_<name>_args(parser)`` and ``run_<name>(args) -> int`` and add an
+entry; import Theano-using modules inside ``run_<name>`` only (``main`` calls
+``config.load`` with ``--device``/``--floatX`` first, and Theano's flags cannot
+change after import).
+
+Common options of every command: ``--seed``, ``--out`` (default
+``runs/<command>-<time>``), ``--device auto|cpu|cuda``, ``--floatX
+float64|float32`` (default: the command's, overridden by ``HPO_FLOATX``).
+An ``HPOError`` (bad option, data problem, non-finite loss) ends the process
+with a one-line ``error: ...`` on stderr and exit status 2; Ctrl-C with 130.
+
+``info`` prints the Theano device, BLAS, compiler and compile cache; it writes
+``results.json`` only when ``--out`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from gpu_ver import config
+from shared.errors import HPOError
+
+PROG = "python -m gpu_ver"
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_args: Callable          # (argparse.ArgumentParser) -> None
+    run: Callable               # (argparse.Namespace) -> int
+    default_floatX: str = "float64"
+
+
+def argv_record(args) -> list:
+    return [*PROG.split(), *args._argv]
+
+
+def out_dir(args):
+    from shared import records  # noqa: PLC0415
+
+    return args.out if args.out else records.default_run_dir(args.command)
+
+
+# --------------------------------------------------------------------------- info
+def add_info_args(p):
+    p.add_argument("--json", action="store_true", help="print the information as JSON")
+
+
+def run_info(args) -> int:
+    d = config.info()
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        width = max(map(len, d))
+        for k, v in d.items():
+            print(f"{k:<{width}}  {v}")
+    if args.out:
+        from shared import records  # noqa: PLC0415
+
+        records.write_results(args.out, argv_record(args), {"device": args.device, "floatX": args.floatX},
+                              d, {})
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+def _bool(s):
+    v = str(s).lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_train_args(p):
+    p.add_argument("--model", default="densenet", choices=["densenet", "mlp"])
+    p.add_argument("--depth", type=int, default=40, help="DenseNet depth L = 3n + 4 (6n + 4 with bottleneck)")
+    p.add_argument("--growth", type=int, default=12, help="DenseNet growth rate k")
+    p.add_argument("--bottleneck", action="store_true", help="BN-ReLU-conv1x1 to 4k before each 3x3 (DenseNet-B)")
+    p.add_argument("--compression", type=float, default=1.0, help="theta in (0, 1] at transitions (DenseNet-C)")
+    p.add_argument("--activation", default="relu", choices=["relu", "softplus", "tanh"])
+    p.add_argument("--hidden", default="100", help="MLP hidden sizes, comma-separated")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"],
+                   help="cifar10 (needs --data-dir) or synthetic (tiny CIFAR-format images)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-val", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=32, help="synthetic images: height = width")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--nesterov", type=_bool, default=True)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--augment", type=_bool, default=True, help="flips + translations (true/false)")
+    p.add_argument("--eval-batch", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (leaves a checkpoint)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_train(args) -> int:
+    from gpu_ver import train  # noqa: PLC0415
+
+    cfg = train.config_from_args(args)
+    out = out_dir(args)
+    res = train.train(cfg, out, argv_record(args), resume=args.resume, stop_after=args.stop_after,
+                      progress=not args.no_progress)
+    m = res["metrics"]
+    print(f"{out}: {m['steps_done']}/{m['steps_total']} steps, final val error {m['final_val_error']}, "
+          f"test error {m['final_test_error']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- registry
+COMMANDS: dict = {
+    "info": Command("which Theano device, BLAS, compiler and cache are in use", add_info_args, run_info),
+    "train": Command("train DenseNet (or an MLP) on CIFAR-10 with checkpoints", add_train_args, run_train,
+                     default_floatX="float32"),
+}
+
+
+def add_common_args(p, cmd: Command):
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default runs/<command>-<time>)")
+    p.add_argument("--device", default=None, choices=list(config.DEVICES),
+                   help=f"Theano device (default ${config.ENV_DEVICE} or auto)")
+    p.add_argument("--floatX", default=None, choices=list(config.FLOATX),
+                   help=f"Theano float type (default ${config.ENV_FLOATX} or {cmd.default_floatX})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Theano backend of the hyperparameter toolkit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        add_common_args(p, cmd)
+        cmd.add_args(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args._argv = argv
+    cmd = COMMANDS[args.command]
+    try:
+        floatX = args.floatX or os.environ.get(config.ENV_FLOATX) or cmd.default_floatX
+        config.load(device=args.device, floatX=floatX)
+        return int(cmd.run(args) or 0)
+    except HPOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (a checkpoint was written where the command supports it)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

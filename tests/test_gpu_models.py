@@ -1,0 +1,103 @@
+"""gpu_ver.models: MLP equals cpu_ver's MLP; DenseNet size, depth rule, HVP vs finite differences."""
+import numpy as np
+import pytest
+
+from gpu_ver import config
+
+config.load(device="cpu", floatX="float64")
+
+from cpu_ver import models as cpu_models  # noqa: E402  (the reference; tests may import it)
+from gpu_ver import models as M  # noqa: E402
+from shared.errors import ConfigError  # noqa: E402
+
+
+def rel(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "softplus"])
+def test_mlp_matches_cpu_ver(activation):
+    sizes = (12, 7, 5, 4)
+    ref = cpu_models.MLP(sizes, activation)
+    gm = M.MLP(sizes, activation)
+    assert gm.layout == ref.layout
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((30, 12)), rng.integers(0, 4, 30)
+    w = ref.init(3)
+    assert np.array_equal(gm.init(3), w)
+    l2 = np.exp(rng.standard_normal(w.size)) * 1e-2
+    v = rng.standard_normal(w.size)
+    f = M.Functions(gm)
+    assert rel(f.loss(w, l2, X, y), ref.loss(w, l2, X, y)) < 1e-12
+    assert rel(f.nll(w, X, y), ref.nll(w, X, y)) < 1e-12
+    assert rel(f.grad(w, l2, X, y), ref.grad(w, l2, X, y)) < 1e-12
+    hv, mix = f.hvp(w, l2, X, y, v)
+    hv_ref, mix_ref = ref.hvp(w, l2, X, y, v)
+    assert rel(hv, hv_ref) < 1e-12
+    assert rel(mix, mix_ref) < 1e-12
+    assert np.array_equal(f.predict(w, X), ref.predict(w, X))
+
+
+def test_densenet40_parameter_count():
+    assert M.DenseNet(depth=40, growth=12).layout.size == 1_019_722
+    assert M.densenet_param_count(40, 12) == 1_019_722
+
+
+def test_densenet_bad_depth_is_config_error():
+    with pytest.raises(ConfigError, match="41"):
+        M.DenseNet(depth=41)
+    with pytest.raises(ConfigError, match="depth 13 .*6n"):
+        M.DenseNet(depth=13, bottleneck=True)     # 3n + 4 but not 6n + 4
+    with pytest.raises(ConfigError, match="input shape"):
+        M.DenseNet(depth=7, input_shape=(3, 10, 10))
+
+
+def test_densenet_layout_names_and_kinds():
+    net = M.DenseNet(depth=10, growth=4, bottleneck=True, compression=0.5, input_shape=(3, 8, 8))
+    lay = net.layout
+    assert lay.names[0] == "conv0.W" and lay.shapes[0] == (8, 3, 3, 3)    # 2k maps with bottleneck
+    assert "b1.l01.conv1.W" in lay.names and lay.names[-2:] == ("fc.W", "fc.b")
+    assert set(net.block_kinds()) == {"conv", "bn_scale", "bn_shift", "fc_W", "fc_b"}
+    assert net.n_bn == sum(n.endswith(".scale") for n in lay.names)
+    # compression: transition 1 maps 8 + 4 = 12 channels to 6
+    assert lay.shapes[lay.index("t1.conv.W")] == (6, 12, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    net = M.DenseNet(depth=7, growth=3, input_shape=(3, 8, 8), activation="softplus", n_classes=4)
+    return net, M.Functions(net)
+
+
+def test_densenet_hvp_matches_finite_differences(tiny_net):
+    """H v = (g(w + h v) - g(w - h v)) / 2h, batch norm with batch statistics, float64."""
+    net, f = tiny_net
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((6, 3, 8, 8)), rng.integers(0, 4, 6)
+    w = net.init(0)
+    w += 0.1 * rng.standard_normal(w.size)        # move BN scale/shift off 1/0
+    l2 = np.full(w.size, 1e-3)
+    v = rng.standard_normal(w.size)
+    hv, mix = f.hvp(w, l2, X, y, v)
+    h = 1e-5
+    fd = (f.grad(w + h * v, l2, X, y) - f.grad(w - h * v, l2, X, y)) / (2 * h)
+    assert rel(hv, fd) < 1e-6
+    assert np.allclose(mix, 2 * w * v)
+    # gradient vs finite differences of the loss along v
+    gfd = (f.loss(w + h * v, l2, X, y) - f.loss(w - h * v, l2, X, y)) / (2 * h)
+    assert abs(f.grad(w, l2, X, y) @ v - gfd) < 1e-7 * max(1.0, abs(gfd))
+
+
+def test_densenet_eval_with_running_stats(tiny_net):
+    net, f = tiny_net
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((5, 3, 8, 8))
+    w = net.init(1)
+    stats = [(np.zeros(c), np.ones(c)) for c in net.bn_channels]
+    a = f.logits(w, X, stats)
+    b = f.logits(w, X)                     # batch statistics
+    assert a.shape == b.shape == (5, 4)
+    assert not np.allclose(a, b)
+    # evaluation with running stats is per example: a batch of one gives the same rows
+    assert np.allclose(f.logits(w, X[:1], stats), a[:1], rtol=1e-12, atol=1e-12)

@@ -1,0 +1,78 @@
+"""gpu_ver.train on a tiny DenseNet and synthetic CIFAR-format images (float64, C backend)."""
+import json
+
+import numpy as np
+import pytest
+
+from gpu_ver import config
+
+config.load(device="cpu", floatX="float64")
+
+from gpu_ver import train as tr  # noqa: E402
+from shared.errors import ConfigError, NonFiniteError  # noqa: E402
+
+TINY = dict(model="densenet", depth=7, growth=3, dataset="synthetic", image_size=8, n_train=96, n_val=32,
+            n_test=32, epochs=3, batch=16, eval_batch=64, seed=5)
+
+
+def run(tmp_path, name, **kw):
+    cfg = tr.TrainConfig(**{**TINY, **{k: v for k, v in kw.items() if k not in ("resume", "stop_after")}})
+    return tr.train(cfg, tmp_path / name, ["test"], resume=kw.get("resume"), stop_after=kw.get("stop_after"),
+                    progress=False)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    return d, run(d, "full")
+
+
+def test_training_loss_falls_and_results_written(full):
+    d, res = full
+    curves = res["metrics"]["curves"]
+    assert curves["epoch"] == [1, 2, 3]
+    assert curves["train_loss"][-1] < curves["train_loss"][0]
+    assert curves["lr"] == [0.1, 0.1, pytest.approx(0.01)]
+    saved = json.loads((d / "full" / "results.json").read_text())
+    assert set(saved) >= {"command", "versions", "config", "metrics", "timings"}
+    assert (d / "full" / "learning_curves.png").stat().st_size > 0
+    assert (d / "full" / "checkpoint.npz").exists()
+
+
+def test_resume_is_bit_identical(full, tmp_path):
+    _, ref = full
+    part = run(tmp_path, "part", stop_after=10, checkpoint_every=4)     # stops inside epoch 2
+    assert part["metrics"]["steps_done"] == 10 and not part["metrics"]["completed"]
+    rest = run(tmp_path, "rest", resume=tmp_path / "part")
+    w_ref, w = ref["state"].w.get_value(), rest["state"].w.get_value()
+    assert np.array_equal(w, w_ref)
+    assert np.array_equal(rest["state"].v.get_value(), ref["state"].v.get_value())
+    for (a, b), (c, e) in zip(rest["state"].bn_values(), ref["state"].bn_values()):
+        assert np.array_equal(a, c) and np.array_equal(b, e)
+    assert rest["metrics"]["curves"] == ref["metrics"]["curves"]
+    assert rest["metrics"]["weights_sha256"] == ref["metrics"]["weights_sha256"]
+
+
+def test_resume_from_other_model_is_refused(full, tmp_path):
+    d, _ = full
+    with pytest.raises(ConfigError, match="model"):
+        run(tmp_path, "other", growth=4, resume=d / "full" / "checkpoint.npz")
+    with pytest.raises(ConfigError, match="train"):
+        run(tmp_path, "other2", lr=0.05, resume=d / "full")
+
+
+def test_existing_output_is_not_overwritten(full):
+    d, _ = full
+    before = (d / "full" / "results.json").read_bytes()
+    with pytest.raises(ConfigError, match="exists"):
+        run(d, "full")
+    assert (d / "full" / "results.json").read_bytes() == before
+
+
+def test_nonfinite_loss_names_the_step(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"training loss at step \d+"):
+        run(tmp_path, "nan", lr=1e200)
+
+
+def test_lr_schedule():
+    assert [tr.lr_at(e, 0.1, 8) for e in range(8)] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
