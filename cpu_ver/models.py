@@ -26,7 +26,7 @@ import numpy as np
 from autograd import grad as _grad
 from autograd import make_vjp
 from autograd.extend import defvjp, primitive
-from autograd.scipy.special import logsumexp
+from autograd.tracer import getval
 
 from shared.mlp_spec import MLPSpec, parse_layers  # noqa: F401 (re-exported)
 
@@ -61,7 +61,11 @@ def _forward(params, X, activation):
 def _nll(params, X, y, activation):
     """Mean cross-entropy of softmax(f(X)) with integer labels y."""
     logits = _forward(params, X, activation)
-    logp = logits - logsumexp(logits, axis=1, keepdims=True)
+    # log-softmax with the max subtracted (the max is a constant shift: its gradient cancels,
+    # so it is taken outside the trace); written without scipy so that cpu_ver runs where
+    # scipy is absent (the GPU bundle).
+    shifted = logits - np.max(getval(logits), axis=1, keepdims=True)
+    logp = shifted - anp.log(anp.sum(anp.exp(shifted), axis=1, keepdims=True))
     return -anp.mean(logp[np.arange(len(y)), y])
 
 
