@@ -121,11 +121,29 @@ def run_train(args) -> int:
     return 0
 
 
+def _lazy(module: str, name: str):
+    """A function that imports ``module.name`` when first called (keeps Theano out of start-up)."""
+    def call(*a, **kw):
+        import importlib  # noqa: PLC0415
+        return getattr(importlib.import_module(module), name)(*a, **kw)
+    return call
+
+
 # --------------------------------------------------------------------------- registry
 COMMANDS: dict = {
     "info": Command("which Theano device, BLAS, compiler and cache are in use", add_info_args, run_info),
     "train": Command("train DenseNet (or an MLP) on CIFAR-10 with checkpoints", add_train_args, run_train,
                      default_floatX="float32"),
+    "drmad": Command("DrMAD hypergradients and meta-optimisation of L2 strengths (MLP or DenseNet)",
+                     _lazy("gpu_ver.meta", "add_drmad_arguments"), _lazy("gpu_ver.meta", "run_drmad")),
+    "check": Command("finite-difference checks of this backend's hypergradients",
+                     _lazy("gpu_ver.check", "add_check_arguments"), _lazy("gpu_ver.check", "run_check")),
+    "adaptive": Command("online adaptation of learning rates and L2 strengths during training",
+                        _lazy("gpu_ver.adaptive_cli", "add_adaptive_arguments"),
+                        _lazy("gpu_ver.adaptive_cli", "run_adaptive_command")),
+    "crosscheck": Command("the same MLP problem through both backends",
+                          _lazy("gpu_ver.crosscheck", "add_crosscheck_arguments"),
+                          _lazy("gpu_ver.crosscheck", "run_crosscheck")),
 }
 
 

@@ -183,7 +183,35 @@ def load(device=None, floatX=None):
     os.environ["THEANO_FLAGS"] = merge_flags(os.environ.get("THEANO_FLAGS", ""), s.flags())
     logging.getLogger("theano.tensor.blas").addFilter(_drop_ldflags_warning)
     import theano  # noqa: PLC0415 (must follow the flags)
+    _cache_ops_without_props()
     return theano
+
+
+def _cache_ops_without_props() -> None:
+    """Let Theano cache compiled modules that contain ops with empty ``__props__``.
+
+    Theano-PyMC 1.1.2's ``CLinker.cmodule_key_`` appends ``node.op.__props__`` to the
+    version tuple, and an empty tuple marks the key as unversioned, so any module holding
+    Alloc, DeepCopyOp, Dot22, Softmax, ... is recompiled in every process (about 2 s each).
+    Prefixing the props with a tag keeps them in the key and the key versioned; the ops'
+    code versions still come from ``c_code_cache_version_apply``. A no-op if the source
+    differs from the version this was written for.
+    """
+    import inspect  # noqa: PLC0415
+    import textwrap  # noqa: PLC0415
+
+    from theano.link.c import basic  # noqa: PLC0415
+    if getattr(basic.CLinker.cmodule_key_, "_hpo_patched", False):
+        return
+    old = "version.append(node.op.__props__)"
+    src = textwrap.dedent(inspect.getsource(basic.CLinker.cmodule_key_))
+    if old not in src:
+        return
+    ns = {}
+    exec(compile(src.replace(old, 'version.append(("__props__",) + tuple(node.op.__props__))'),
+                 basic.__file__, "exec"), basic.__dict__, ns)
+    ns["cmodule_key_"]._hpo_patched = True
+    basic.CLinker.cmodule_key_ = ns["cmodule_key_"]
 
 
 def _drop_ldflags_warning(record) -> bool:

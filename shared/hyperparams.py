@@ -17,6 +17,7 @@ blocks and ``T = n_iters`` training steps::
 
     scalar      ()        one value for every parameter and step
     block       (B,)      one value per parameter block (W0, b0, W1, ...)
+    unit        (U,)      one value per output unit of each block (see below)
     param       (P,)      one value per parameter
     iter        (T,)      one value per step
     iter_block  (T, B)    one value per step and block
@@ -27,11 +28,28 @@ expansion ``E_t``: the per-parameter array ``a`` at step ``t`` with
     scalar: a_i = h          block: a_i = h[b(i)]        param: a_i = h_i
     iter:   a_i = h[t]       iter_block: a_i = h[t, b(i)]
 
-where ``b(i)`` is the block of parameter ``i``. ``reduce(name, g, t)`` is its
+where ``b(i)`` is the block of parameter ``i`` (and ``unit: a_i = h[u(i)]``, ``u(i)``
+its unit). ``reduce(name, g, t)`` is its
 adjoint ``E_t^T``: it turns a per-parameter gradient ``g = dF/da`` into the
 gradient with respect to the group's constrained value (sums over each block,
 over all parameters, or the identity; placed in row ``t`` for the iteration
 shapes), so that ``<reduce(g), h> == <g, per_param(h)>`` for every ``h``.
+
+Units (``unit_index``). Every block is cut into its output units, block by
+block in layout order, and units never span two blocks:
+
+    ndim 2, (fan_in, fan_out) dense weights   a unit is a COLUMN: fan_out units,
+                                              unit j = the weights into output j
+    ndim 1, (n,) bias / BN scale or shift     a unit is an ENTRY: n units
+    ndim >= 3, (out, in, kh, kw) convolution  a unit is an OUTPUT CHANNEL (index on
+                                              axis 0): out units
+    ndim 0                                    one unit
+
+so ``U = sum over blocks of (shape[-1] if ndim 2, else shape[0] if ndim >= 1,
+else 1)``. A layer's bias entries are units of the bias block, separate from
+the weight columns (per-unit L2 as in the DrMAD experiments: one strength per
+unit's incoming weights, and one per bias). A block with zero-sized axes
+contributes its units (possibly with no parameters: they reduce to 0).
 
 The container is immutable: every method that changes something returns a new
 ``HyperParams``; constrained values returned by ``value`` are read-only arrays.
@@ -69,7 +87,7 @@ from shared.layout import ParamLayout
 from shared.records import write_bytes_atomic
 
 TRANSFORMS = ("log", "logit", "identity")
-SHAPES = ("scalar", "block", "param", "iter", "iter_block")
+SHAPES = ("scalar", "block", "unit", "param", "iter", "iter_block")
 ITER_SHAPES = ("iter", "iter_block")
 STANDARD_GROUPS = ("l2", "lr", "momentum", "init_scale")
 
@@ -130,12 +148,49 @@ def dconstrained_dfree(transform: str, value) -> np.ndarray:
     raise ConfigError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
 
 
+def units_of_block(shape) -> int:
+    """Number of output units of a block of this shape (module docstring, "Units")."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 0:
+        return 1
+    return shape[-1] if len(shape) == 2 else shape[0]
+
+
+def n_units(layout: ParamLayout) -> int:
+    """U: the total number of output units of a layout."""
+    return int(sum(units_of_block(s) for s in layout.shapes))
+
+
+def unit_index(layout: ParamLayout) -> np.ndarray:
+    """Unit ``u(i)`` of every flat coordinate (int array of length ``layout.size``).
+
+    Units are numbered block by block in layout order; inside a block: the
+    column for a 2-D block (flat C order, so ``i % fan_out``), the entry for a
+    1-D block, the index on axis 0 for a block of 3 or more dimensions.
+    """
+    parts, u0 = [], 0
+    for shape in layout.shapes:
+        shape = tuple(int(d) for d in shape)
+        size = int(np.prod(shape, dtype=np.int64))
+        if len(shape) == 0:
+            idx = np.zeros(size, dtype=np.intp)
+        elif len(shape) == 2:
+            idx = np.tile(np.arange(shape[1], dtype=np.intp), shape[0])
+        else:
+            idx = np.repeat(np.arange(shape[0], dtype=np.intp), size // shape[0] if shape[0] else 0)
+        parts.append(idx + u0)
+        u0 += units_of_block(shape)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.intp)
+
+
 def expected_shape(shape: str, layout: ParamLayout, n_iters: int) -> tuple:
     """Shape of the free array for a shape rule (see the module docstring)."""
     if shape == "scalar":
         return ()
     if shape == "block":
         return (layout.n_blocks,)
+    if shape == "unit":
+        return (n_units(layout),)
     if shape == "param":
         return (layout.size,)
     if shape == "iter":
@@ -290,6 +345,17 @@ class HyperParams:
         object.__setattr__(self, "_all_blocks_nonempty", bool(np.all(sizes > 0)))
         object.__setattr__(self, "_n_params", int(sizes.sum()))
         object.__setattr__(self, "_spans", tuple((int(o), int(n)) for o, n in zip(self._offsets, sizes)))
+        object.__setattr__(self, "_unit_of", None)       # built on first use (unit shape only)
+
+    def _units(self) -> np.ndarray:
+        """``unit_index(layout)``, cached (read-only)."""
+        if self._unit_of is None:
+            object.__setattr__(self, "_unit_of", _readonly(unit_index(self.layout)))
+        return self._unit_of
+
+    def _reduce_units(self, per_param: np.ndarray) -> np.ndarray:
+        """Per-unit sums of a per-parameter vector (adjoint of h -> h[u(i)])."""
+        return np.bincount(self._units(), weights=per_param, minlength=n_units(self.layout)).astype(float)
 
     def _expand(self, per_block: np.ndarray) -> np.ndarray:
         """h[..., b] -> h[..., b(i)] (same as layout.expand, on the last axis).
@@ -419,6 +485,8 @@ class HyperParams:
             return np.full(P, float(h))
         if g.shape == "block":
             return self._expand(h)
+        if g.shape == "unit":
+            return h[self._units()]
         if g.shape == "param":
             return h.copy()
         if g.shape == "iter":
@@ -438,7 +506,7 @@ class HyperParams:
     def reduce(self, name: str, per_param_grad, t=None) -> np.ndarray:
         """Adjoint of ``per_param``: dF/dh (group shape) from g = dF/da at iteration ``t``.
 
-        scalar: sum_i g_i; block: per-block sums (layout.reduce); param: g;
+        scalar: sum_i g_i; block: per-block sums (layout.reduce); unit: per-unit sums; param: g;
         iter: zeros except [t] = sum_i g_i; iter_block: zeros except row t = per-block sums.
         Exactly <reduce(g, t), h> = <g, per_param(h, t)>.
         """
@@ -449,6 +517,8 @@ class HyperParams:
             return np.asarray(gp.sum())
         if g.shape == "block":
             return self._reduce(gp)
+        if g.shape == "unit":
+            return self._reduce_units(gp)
         if g.shape == "param":
             return gp.copy()
         out = np.zeros(g.free.shape)
@@ -470,6 +540,8 @@ class HyperParams:
             return np.asarray(G.sum())
         if g.shape == "block":
             return self._reduce(G).sum(axis=0)
+        if g.shape == "unit":
+            return self._reduce_units(G.sum(axis=0))
         return G.sum(axis=0)
 
     def accumulate(self, grads: dict, name: str, per_param_grad, t=None) -> None:

@@ -8,14 +8,15 @@ import pytest
 
 from shared.errors import ConfigError
 from shared.hyperparams import (SHAPES, TRANSFORMS, HyperGroup, HyperParams, dconstrained_dfree,
-                                sigmoid, standard, to_constrained, to_free)
+                                n_units, sigmoid, standard, to_constrained, to_free, unit_index)
 from shared.layout import ParamLayout
 
 # MLP 3-4-2: W0 (3,4), b0 (4,), W1 (4,2), b1 (2,) -> 26 parameters in 4 blocks
 LAYOUT = ParamLayout(("W0", "b0", "W1", "b1"), ((3, 4), (4,), (4, 2), (2,)))
 T = 5
 P, B = LAYOUT.size, LAYOUT.n_blocks
-FREE_SHAPE = {"scalar": (), "block": (B,), "param": (P,), "iter": (T,), "iter_block": (T, B)}
+U = 4 + 4 + 2 + 2                    # units: columns of W0, entries of b0, columns of W1, entries of b1
+FREE_SHAPE = {"scalar": (), "block": (B,), "unit": (U,), "param": (P,), "iter": (T,), "iter_block": (T, B)}
 
 
 def rng(seed=0):
@@ -386,3 +387,62 @@ def test_empty_block_expansion_and_adjoint():
     np.testing.assert_array_equal(hp.reduce("b", g), [3, 0, 12])
     np.testing.assert_array_equal(hp.reduce("ib", g, 1), [[0, 0, 0], [3, 0, 12]])
     np.testing.assert_array_equal(hp.reduce_schedule("ib", np.stack([g, g])), [[3, 0, 12], [3, 0, 12]])
+
+
+# ---------------------------------------------------------------------------
+# the 'unit' shape: one value per output unit (column / entry / output channel)
+
+CONV_LAYOUT = ParamLayout(("conv", "scale", "fc.W", "fc.b", "s", "empty"),
+                          ((3, 2, 3, 3), (3,), (3, 5), (5,), (), (4, 0)))
+
+
+def test_unit_index_by_hand():
+    idx = unit_index(LAYOUT)
+    assert n_units(LAYOUT) == U and idx.shape == (P,)
+    w0 = idx[:12].reshape(3, 4)                    # W0 (3, 4): a unit is a column
+    assert np.array_equal(w0, np.tile(np.arange(4), (3, 1)))
+    assert np.array_equal(idx[12:16], [4, 5, 6, 7])  # b0 entries
+    assert np.array_equal(idx[16:24].reshape(4, 2), np.tile([8, 9], (4, 1)))
+    assert np.array_equal(idx[24:], [10, 11])
+    # conv (out, in, kh, kw): a unit is an output channel; 0-d block: one unit; (4, 0): 0 params, 0 units
+    cidx = unit_index(CONV_LAYOUT)
+    assert n_units(CONV_LAYOUT) == 3 + 3 + 5 + 5 + 1 + 0
+    assert np.array_equal(cidx[:54].reshape(3, 2, 3, 3)[:, 0, 0, 0], [0, 1, 2])
+    assert np.all(cidx[:54].reshape(3, 18) == np.arange(3)[:, None])
+    assert np.array_equal(cidx[54:57], [3, 4, 5])
+    assert np.array_equal(cidx[57:72].reshape(3, 5), np.tile(np.arange(6, 11), (3, 1)))
+    assert np.array_equal(cidx[72:77], np.arange(11, 16)) and cidx[77] == 16 and cidx.size == 78
+
+
+@pytest.mark.parametrize("layout", [LAYOUT, CONV_LAYOUT], ids=["mlp", "conv"])
+@pytest.mark.parametrize("t", [None, 0, T - 1])
+def test_unit_reduce_is_adjoint_of_per_param(layout, t):
+    r = rng(7)
+    nu = n_units(layout)
+    for _ in range(5):
+        h = r.normal(size=nu)
+        g = r.normal(size=layout.size)
+        lin = HyperParams(layout, T, (HyperGroup("u", "identity", "unit", h),))
+        red = lin.reduce("u", g, t)
+        assert red.shape == (nu,)
+        assert float(red @ h) == pytest.approx(float(g @ lin.per_param("u", t)), rel=1e-12, abs=1e-12)
+        G = r.normal(size=(T, layout.size))
+        lhs = float(np.sum(lin.reduce_schedule("u", G) * h))
+        assert lhs == pytest.approx(float(np.sum(G * lin.per_param_schedule("u"))), rel=1e-12)
+        grads = {}
+        lin.accumulate(grads, "u", g)
+        lin.accumulate(grads, "u", 2 * g)
+        np.testing.assert_allclose(grads["u"], 3 * red, rtol=1e-12, atol=1e-12)
+
+
+def test_unit_shape_in_standard_container_and_files(tmp_path):
+    vals = np.exp(rng(3).uniform(-6, -3, U))
+    hp = standard(LAYOUT, T, lr=0.1, momentum=0.9, l2=vals, init_scales=0.1, l2_shape="unit")
+    assert hp.free("l2").shape == (U,)
+    pp = hp.per_param("l2")
+    assert np.allclose(pp[:12].reshape(3, 4), vals[:4][None, :])   # every row of W0 shares column values
+    hp.save(tmp_path / "h")
+    back = HyperParams.load(tmp_path / "h", LAYOUT)
+    np.testing.assert_array_equal(back.value("l2"), hp.value("l2"))
+    with pytest.raises(ConfigError, match="'unit'.*\\(12,\\)"):
+        standard(LAYOUT, T, lr=0.1, momentum=0.9, l2=np.ones(5), init_scales=0.1, l2_shape="unit")

@@ -1,0 +1,341 @@
+"""``python -m gpu_ver adaptive``: one online run on the Theano backend (gpu_ver/adaptive.py),
+beside plain SGD (Nesterov SGD for sgdn-hd, Adam for adam-hd) for the same steps, seed
+and minibatches, with curves, hyperparameter trajectories, plots and results.json.
+
+Model: a small DenseNet (default: depth 7, growth 4) on synthetic CIFAR-format
+images (``gpu_ver.train.synthetic_images``; ``--image-size``), or on CIFAR-10
+with ``--data-dir`` (``shared.datasets.load('cifar10', ...)``); or ``--model mlp``
+on the embedded digits. Batch norm uses batch statistics in every gradient and
+hypergradient; the curves are evaluated with the BN running averages.
+
+Registration in ``gpu_ver/__main__.py``: ``Command(help, add_adaptive_arguments,
+run_adaptive_command)`` (``run_adaptive`` itself returns the results dict).
+This module does not import Theano at import time: ``add_adaptive_arguments``
+can be called before ``gpu_ver.config.load``; ``run_adaptive`` loads Theano
+(with whatever ``--device``/``--floatX`` the caller set up first).
+
+metrics: ``step``, ``train_loss`` (CE on the first ``--eval-train-n`` training
+examples), ``val_loss``, ``val_error``, ``batch_loss`` (mean training-batch loss
+since the previous log) per logged step; ``lr_quantiles`` / ``l2_quantiles``
+(logged step x block x quantile; ``quantiles``, ``blocks``); ``final_*``;
+``test_error``; ``baseline`` (the plain optimiser's curves and finals);
+``val_loss_adaptive_minus_baseline``; ``n_projected`` (additive HD only).
+Plots: ``curves.png``, ``hyperparameters.png`` (median and 10-90% band per
+layer over time), ``hyper_heatmap.png`` (log10 median per layer x time);
+skipped with a warning when matplotlib is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import ConfigError
+
+# Mirrors of gpu_ver.adaptive's names (kept here so that argument parsing needs no Theano).
+METHOD_NAMES = ("hd", "sgdn-hd", "adam-hd", "almeida", "idbd", "smd", "t1t2", "combined")
+GRANULARITIES = ("global", "block", "unit", "param")
+BASELINE_OF = {"sgdn-hd": "sgdn", "adam-hd": "adam"}
+
+
+def _has(parser, opt):
+    return opt in parser._option_string_actions
+
+
+def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``adaptive`` command's options to ``parser`` (``--seed``/``--out`` unless present)."""
+    a = parser.add_argument
+    if not _has(parser, "--seed"):
+        a("--seed", type=int, default=0, help="seed for initial weights and minibatches (default 0)")
+    if not _has(parser, "--out"):
+        a("--out", default=None, help="output folder (default runs/adaptive-<time>)")
+    a("--method", default="hd", choices=METHOD_NAMES, help="online method (default hd)")
+    a("--model", default="densenet", choices=("densenet", "mlp"), help="densenet (default) or mlp")
+    a("--depth", type=int, default=7, help="DenseNet depth 3n + 4 (default 7)")
+    a("--growth", type=int, default=4, help="DenseNet growth rate (default 4)")
+    a("--bottleneck", action="store_true", help="DenseNet-B")
+    a("--compression", type=float, default=1.0, help="DenseNet-C compression in (0, 1]")
+    a("--layers", default=None, help="MLP hidden sizes, e.g. 50 or 100,100 (default 50)")
+    a("--activation", default=None, choices=("tanh", "relu", "softplus"),
+      help="default relu (densenet), tanh (mlp)")
+    a("--dataset", default="auto", choices=("auto", "synthetic", "cifar10", "digits"),
+      help="auto (default): cifar10 when --data-dir is given, else synthetic images for densenet, "
+           "digits for mlp")
+    a("--data-dir", default=None, help="CIFAR-10 folder or tarball (shared.datasets.load('cifar10'))")
+    a("--image-size", type=int, default=16, help="synthetic images: height = width (default 16)")
+    a("--n-train", type=int, default=None, help="training examples (default 1024 synthetic, loader's otherwise)")
+    a("--n-val", type=int, default=None, help="validation examples (default 256 synthetic, loader's otherwise)")
+    a("--n-test", type=int, default=None, help="test examples (default 256 synthetic, loader's otherwise)")
+    a("--steps", type=int, default=200, help="minibatch steps (default 200)")
+    a("--batch", type=int, default=32, help="minibatch size (default 32)")
+    a("--lr", type=float, default=0.05, help="initial learning rate alpha_0 (default 0.05)")
+    a("--beta", type=float, default=1e-3, help="hypergradient step for hd/sgdn-hd/adam-hd/almeida/combined "
+                                               "(default 1e-3; log space and combined follow alpha dL/dalpha, "
+                                               "so use a larger beta there)")
+    a("--granularity", default="global", choices=GRANULARITIES,
+      help="learning rates per global|block|unit|param (HD methods; default global)")
+    a("--log-space", action="store_true", help="HD: adapt log alpha instead of alpha")
+    a("--momentum", type=float, default=0.9, help="momentum for sgdn-hd and its baseline (default 0.9)")
+    a("--l2", type=float, default=0.0, help="fixed L2 strength for the learning-rate methods (default 0)")
+    a("--theta", type=float, default=1.0, help="IDBD meta step size (default 1)")
+    a("--mu", type=float, default=10.0, help="SMD meta step size (default 10)")
+    a("--trace-decay", type=float, default=None,
+      help="IDBD trace decay (default 1) / SMD lambda (default 0.99), in [0, 1]")
+    a("--curvature", default="diag", choices=("diag", "hvp"), help="IDBD trace: diagonal approximation or HVP")
+    a("--l2-init", type=float, default=1e-4, help="T1-T2 initial L2 strength (default 1e-4)")
+    a("--l2-groups", default="block", choices=GRANULARITIES, help="T1-T2 L2 strengths per ... (default block)")
+    a("--meta-lr", type=float, default=2e-2, help="T1-T2 meta step (Adam on log L2; default 2e-2)")
+    a("--meta-opt", default="adam", choices=("adam", "sgd"), help="T1-T2 meta optimiser (default adam)")
+    a("--hyper-every", type=int, default=1, help="T1-T2: one hyper step every N weight steps (default 1)")
+    a("--hyper-at", default="next", choices=("next", "current"),
+      help="T1-T2: validation gradient at w_t+1 (exact) or w_t (original)")
+    a("--clip", type=float, default=None, help="clip hypergradients elementwise to +-CLIP (default off)")
+    a("--eval-every", type=int, default=10, help="log curves every N steps (default 10)")
+    a("--eval-train-n", type=int, default=512, help="training examples in the logged training loss (default 512)")
+    a("--eval-batch", type=int, default=500, help="evaluation chunk size (default 500)")
+    a("--no-baseline", dest="baseline", action="store_false", help="skip the plain optimiser's run")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def method_kwargs(args) -> dict:
+    """Constructor options of ``args.method`` from the command-line options (as cpu_ver)."""
+    m = args.method
+    if m in ("hd", "sgdn-hd", "adam-hd"):
+        return dict(lr=args.lr, beta=args.beta, granularity=args.granularity, log_space=args.log_space,
+                    momentum=args.momentum, l2=args.l2, clip=args.clip)
+    if m == "almeida":
+        return dict(lr=args.lr, beta=args.beta, l2=args.l2, clip=args.clip)
+    if m == "idbd":
+        return dict(lr=args.lr, theta=args.theta, trace_decay=1.0 if args.trace_decay is None else args.trace_decay,
+                    curvature=args.curvature, l2=args.l2, clip=args.clip)
+    if m == "smd":
+        return dict(lr=args.lr, mu=args.mu, lam=0.99 if args.trace_decay is None else args.trace_decay,
+                    l2=args.l2, clip=args.clip)
+    common = dict(l2_init=args.l2_init, l2_groups=args.l2_groups, meta_lr=args.meta_lr,
+                  every=args.hyper_every, at=args.hyper_at, clip=args.clip, meta_opt=args.meta_opt)
+    if m == "t1t2":
+        return dict(lr=args.lr, **common)
+    return dict(lr=args.lr, beta=args.beta, lr_granularity="param", **common)
+
+
+def baseline_method(args, layout, ad):
+    opt = BASELINE_OF.get(args.method, "sgd")
+    l2 = args.l2_init if args.method in ("t1t2", "combined") else args.l2
+    return ad.make_method(opt, layout, lr=args.lr, l2=l2, momentum=args.momentum)
+
+
+def load_data(args):
+    """The Dataset for ``args`` (see ``--dataset``)."""
+    from shared import datasets  # noqa: PLC0415
+
+    name = args.dataset
+    if name == "auto":
+        name = "cifar10" if args.data_dir else ("synthetic" if args.model == "densenet" else "digits")
+    if name == "synthetic":
+        from gpu_ver.train import synthetic_images  # noqa: PLC0415
+
+        if args.image_size < 4 or args.image_size % 4:
+            raise ConfigError(f"--image-size must be a positive multiple of 4, got {args.image_size}")
+        return synthetic_images(1024 if args.n_train is None else args.n_train,
+                                256 if args.n_val is None else args.n_val,
+                                256 if args.n_test is None else args.n_test, size=args.image_size, seed=args.seed)
+    if name == "cifar10" and not args.data_dir:
+        raise ConfigError("--dataset cifar10 needs --data-dir (CIFAR-10 python folder or tarball)")
+    return datasets.load(name, data_dir=args.data_dir, n_train=args.n_train, n_val=args.n_val,
+                         n_test=args.n_test, seed=args.seed)
+
+
+def build_model(args, ds, M):
+    from shared.mlp_spec import parse_layers  # noqa: PLC0415
+
+    if args.model == "mlp":
+        hidden = parse_layers(f"1,{args.layers}")[1:] if args.layers else (50,)
+        return M.MLP((ds.n_features, *hidden, ds.n_classes), args.activation or "tanh")
+    if np.ndim(ds.train.X) != 4:
+        raise ConfigError(f"--model densenet needs image data (n, channels, H, W); dataset {ds.name!r} has "
+                          f"inputs of shape {ds.input_shape} (use --model mlp)")
+    net = M.DenseNet(args.depth, args.growth, args.bottleneck, args.compression, ds.n_classes,
+                     tuple(ds.input_shape), args.activation or "relu")
+    net.check_data(ds.train.X, ds.train.y, "training split")
+    return net
+
+
+# --------------------------------------------------------------------------- plots
+def _plot(run_dir, res, base, method_name, base_name) -> list:
+    """curves.png, hyperparameters.png, hyper_heatmap.png; returns the files written."""
+    import matplotlib  # noqa: PLC0415
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    from shared.records import save_figure  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    written = []
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    for key, a in (("train_loss", ax[0]), ("val_loss", ax[1]), ("val_error", ax[2])):
+        a.plot(res["step"], res[key], label=method_name)
+        if base is not None:
+            a.plot(base["step"], base[key], "--", label=base_name)
+        a.set_xlabel("step")
+        a.set_ylabel(key.replace("_", " "))
+        if key != "val_error" and np.all(np.asarray(res[key]) > 0):
+            a.set_yscale("log")
+        a.legend()
+    fig.tight_layout()
+    save_figure(fig, run_dir / "curves.png")
+    written.append("curves.png")
+
+    steps = np.array(res["step"])
+    blocks = res["blocks"]
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, a, lab in (("lr_quantiles", ax[0], "learning rate"), ("l2_quantiles", ax[1], "L2 strength")):
+        q = np.array(res[key])          # steps x blocks x quantiles (0, .1, .5, .9, 1)
+        for b, name in enumerate(blocks):
+            col = cmap(b / max(len(blocks) - 1, 1))
+            a.plot(steps, np.maximum(q[:, b, 2], 1e-300), color=col, label=name if len(blocks) <= 12 else None)
+            a.fill_between(steps, np.maximum(q[:, b, 1], 1e-300), np.maximum(q[:, b, 3], 1e-300),
+                           color=col, alpha=0.15)
+        a.set_xlabel("step")
+        a.set_ylabel(f"{lab} (median, 10-90% per layer)")
+        if np.all(q > 0):
+            a.set_yscale("log")
+        if len(blocks) <= 12:
+            a.legend(fontsize=7)
+        else:
+            a.set_title(f"{len(blocks)} layers, colour = position (input dark, output light)", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, run_dir / "hyperparameters.png")
+    written.append("hyperparameters.png")
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, max(3.0, 0.18 * len(blocks) + 1.5)))
+    for key, a, lab in (("lr_quantiles", ax[0], "log10 median learning rate"),
+                        ("l2_quantiles", ax[1], "log10 median L2 strength")):
+        med = np.array(res[key])[:, :, 2].T
+        img = np.log10(np.maximum(med, 1e-300))
+        im = a.imshow(img, aspect="auto", interpolation="nearest", origin="upper",
+                      extent=(steps[0], steps[-1], len(blocks) - 0.5, -0.5))
+        a.set_yticks(range(len(blocks)))
+        a.set_yticklabels(blocks, fontsize=6)
+        a.set_xlabel("step")
+        a.set_title(lab, fontsize=9)
+        fig.colorbar(im, ax=a)
+    fig.tight_layout()
+    save_figure(fig, run_dir / "hyper_heatmap.png")
+    written.append("hyper_heatmap.png")
+    return written
+
+
+def try_plot(run_dir, res, base, method_name, base_name) -> list:
+    """``_plot``, or a warning and no files when matplotlib cannot be imported (GPU machines)."""
+    try:
+        return _plot(run_dir, res, base, method_name, base_name)
+    except ImportError as e:
+        warnings.warn(f"matplotlib is not available ({e}); plots skipped", RuntimeWarning, stacklevel=2)
+        return []
+
+
+# --------------------------------------------------------------------------- run
+def run_adaptive(args) -> dict:
+    """Run ``args.method`` (and the plain baseline), write results.json and plots; return results."""
+    from gpu_ver import config  # noqa: PLC0415
+
+    theano = config.load()
+    from gpu_ver import adaptive as ad  # noqa: PLC0415 (after config.load)
+    from gpu_ver import models as M  # noqa: PLC0415
+    from shared.records import default_run_dir, make_run_dir, write_results  # noqa: PLC0415
+
+    if args.steps < 1 or args.eval_every < 1 or args.eval_train_n < 1 or args.eval_batch < 1:
+        raise ConfigError("--steps, --eval-every, --eval-train-n and --eval-batch must be >= 1")
+    timings = {}
+    t0 = time.perf_counter()
+    ds = load_data(args)
+    timings["load_s"] = time.perf_counter() - t0
+    model = build_model(args, ds, M)
+    method = ad.make_method(args.method, model.layout, **method_kwargs(args))
+    if method.needs_val and len(ds.val) == 0:
+        raise ConfigError(f"{args.method}: the validation split is empty; T1-T2 needs held-out data (--n-val)")
+    run_dir = make_run_dir(args.out or default_run_dir("adaptive"))
+    X, y, Xv, yv = ds.train.X, ds.train.y, ds.val.X, ds.val.y
+
+    t0 = time.perf_counter()
+    res, run = ad.train_online(method, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
+                               eval_train_n=args.eval_train_n, progress=args.progress, desc=args.method,
+                               eval_batch=args.eval_batch)
+    timings["train_s"] = time.perf_counter() - t0
+    timings.update({f"adaptive_{k}": v for k, v in res.pop("timings").items()})
+    metrics = dict(res)
+    test_loss, test_err = run.evaluate(ds.test.X, ds.test.y, args.eval_batch)
+    metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
+                   final_val_error=res["val_error"][-1],
+                   test_loss=test_loss if len(ds.test) else None, test_error=test_err if len(ds.test) else None,
+                   n_params=model.layout.size)
+    if "n_projected" in run.S:
+        metrics["n_projected"] = int(run.state()["n_projected"])
+    base, base_name = None, BASELINE_OF.get(args.method, "sgd")
+    if args.baseline:
+        t0 = time.perf_counter()
+        base, brun = ad.train_online(baseline_method(args, model.layout, ad), model, (X, y, Xv, yv), args.steps,
+                                     args.batch, args.seed, args.eval_every, eval_train_n=args.eval_train_n,
+                                     record_hypers=False, progress=args.progress, desc=base_name,
+                                     eval_batch=args.eval_batch)
+        timings["baseline_s"] = time.perf_counter() - t0
+        timings.update({f"baseline_{k}": v for k, v in base.pop("timings").items()})
+        bl, be = brun.evaluate(ds.test.X, ds.test.y, args.eval_batch)
+        metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
+                                   final_val_loss=base["val_loss"][-1], final_val_error=base["val_error"][-1],
+                                   test_loss=bl if len(ds.test) else None, test_error=be if len(ds.test) else None)
+        metrics["val_loss_adaptive_minus_baseline"] = metrics["final_val_loss"] - base["val_loss"][-1]
+        if timings.get("baseline_step_s_mean"):
+            timings["step_overhead"] = timings["adaptive_step_s_mean"] / timings["baseline_step_s_mean"] - 1.0
+    t0 = time.perf_counter()
+    metrics["plots"] = try_plot(run_dir, res, base, args.method, base_name)
+    timings["plots_s"] = time.perf_counter() - t0
+    conf = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
+    conf.update(model_description=model.describe(), method_config=method.config, data=ds.describe(),
+                floatX=str(theano.config.floatX), device=str(theano.config.device))
+    argv = ["python", "-m", "gpu_ver", *args._argv] if hasattr(args, "_argv") else list(sys.argv)
+    write_results(run_dir, argv, conf, metrics, timings,
+                  packages=("numpy", "scipy", "theano", "matplotlib"))
+    line = (f"{args.method}: final train loss {metrics['final_train_loss']:.4f}, val loss "
+            f"{metrics['final_val_loss']:.4f}, val error {metrics['final_val_error']:.4f}")
+    if base is not None:
+        line += (f"; {base_name}: train loss {base['train_loss'][-1]:.4f}, val loss {base['val_loss'][-1]:.4f}, "
+                 f"val error {base['val_error'][-1]:.4f}")
+    print(line)
+    print(f"results: {Path(run_dir) / 'results.json'}")
+    return {"run_dir": str(run_dir), "config": conf, "metrics": metrics, "timings": timings, "run": run}
+
+
+def run_adaptive_command(args) -> int:
+    """``run_adaptive`` for ``gpu_ver.__main__``'s registry (``Command.run`` returns an exit status)."""
+    run_adaptive(args)
+    return 0
+
+
+def main(argv=None):
+    """Stand-alone entry (``python -m gpu_ver.adaptive_cli``) until ``gpu_ver.__main__`` registers it."""
+    from shared.errors import HPOError  # noqa: PLC0415
+
+    p = add_adaptive_arguments(argparse.ArgumentParser(prog="python -m gpu_ver adaptive", description=__doc__,
+                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args._argv = ["adaptive", *argv]
+    try:
+        run_adaptive(args)
+    except HPOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

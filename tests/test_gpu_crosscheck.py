@@ -1,0 +1,70 @@
+"""gpu_ver.crosscheck and gpu_ver.check through the command line: the same MLP problem in
+both backends (float64), and finite-difference checks of this backend (MLP part)."""
+import json
+
+import numpy as np
+import pytest
+
+from gpu_ver import config
+
+config.load(device="cpu", floatX="float64")
+
+from gpu_ver import __main__ as cli  # noqa: E402
+from gpu_ver import check, crosscheck, meta  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def main():
+    """``gpu_ver.__main__.main`` with our commands registered (as the lead registers them)."""
+    for name, add, run in [("crosscheck", crosscheck.add_crosscheck_arguments, crosscheck.run_crosscheck),
+                           ("check", check.add_check_arguments, check.run_check),
+                           ("drmad", meta.add_drmad_arguments, meta.run_drmad)]:
+        cli.COMMANDS.setdefault(name, cli.Command(name, add, run))
+    return cli.main
+
+
+def test_crosscheck_command_float64_targets(main, tmp_path):
+    rc = main(["crosscheck", "--iters", "12", "--no-adaptive", "--out", str(tmp_path), "--device", "cpu",
+               "--floatX", "float64"])
+    res = json.loads((tmp_path / "results.json").read_text())
+    m = res["metrics"]
+    assert rc == 0
+    assert m["dtype"] == "float64"
+    assert m["max_rel_diff_weights"] < 1e-12
+    assert m["max_rel_diff_hypergradient"]["drmad"] < 1e-10
+    assert m["max_rel_diff_drmad_full_vs_exact"] < 1e-8
+    assert set(m["rel_diff_hypergradient_by_group"]["drmad"]) == {"l2", "lr", "momentum", "init_scale"}
+    assert {"command", "versions", "config", "metrics", "timings"} <= set(res)
+
+
+def test_check_command_mlp_part(main, tmp_path, capsys):
+    rc = main(["check", "--parts", "mlp", "--iters", "8", "--out", str(tmp_path), "--device", "cpu"])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert rc == 0, capsys.readouterr().out
+    errs = res["metrics"]["max_rel_err"]
+    assert set(errs) == {"drmad_K=T:mlp"} and errs["drmad_K=T:mlp"] < 1e-6
+    assert "rel err" in capsys.readouterr().out
+    # the exit status is 1 over the tolerance
+    rc = main(["check", "--parts", "mlp", "--iters", "8", "--tol", "1e-30", "--out", str(tmp_path / "b"),
+               "--device", "cpu"])
+    assert rc == 1
+
+
+def test_drmad_command_meta_loop_and_bad_input(main, tmp_path, capsys):
+    out = tmp_path / "m"
+    rc = main(["drmad", "--layers", "64,20,10", "--iters", "12", "--batch", "50", "--n-train", "300",
+               "--n-val", "200", "--meta-iters", "2", "--lr", "0.2", "--no-progress", "--out", str(out),
+               "--device", "cpu"])
+    assert rc == 0
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    assert len(m["val_loss"]) == 2 and np.all(np.isfinite(m["val_loss"]))
+    assert (out / "hypers.json").exists() and (out / "checkpoint.npz").exists()
+    # resuming with another model is refused (exit status 2, one line naming the model)
+    rc = main(["drmad", "--layers", "64,30,10", "--iters", "12", "--batch", "50", "--n-train", "300",
+               "--n-val", "200", "--meta-iters", "3", "--no-progress", "--out", str(out), "--resume",
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model" in err
+    rc = main(["drmad", "--model", "densenet", "--dataset", "digits", "--out", str(tmp_path / "x"),
+               "--device", "cpu"])
+    assert rc == 2 and "DenseNet" in capsys.readouterr().err
