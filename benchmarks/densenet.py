@@ -66,7 +66,7 @@ def worker_theano(a) -> dict:
     sys.path.insert(0, str(ROOT))
     from gpu_ver import config  # noqa: PLC0415
 
-    theano = config.load(device="cpu", floatX="float32")
+    theano = config.load(device=os.environ.get("HPO_DEVICE") or "cpu", floatX="float32")
     import numpy as np  # noqa: PLC0415
 
     from gpu_ver import models as M  # noqa: PLC0415
@@ -101,6 +101,8 @@ def worker_theano(a) -> dict:
         fn()
         times.append(time.perf_counter() - t)
     out["step_s"] = _median(times[1:]) if a.steps else None
+    out["images_per_s"] = a.batch / out["step_s"] if out["step_s"] else None
+    out["device"] = str(theano.config.device)
     out["peak_rss_bytes"] = _peak_rss_bytes()
     return out
 
@@ -174,7 +176,8 @@ def _torch_python(opt):
 def run(a) -> dict:
     common = ["--depth", str(a.depth), "--growth", str(a.growth), "--batch", str(a.batch),
               "--size", str(a.size), "--steps", str(a.steps)] + ([] if a.static_batch else ["--dynamic-batch"])
-    env = {"HPO_OPENMP": "1" if a.openmp else "0", "HPO_DEVICE": "cpu", "HPO_FLOATX": "float32"}
+    env = {"HPO_OPENMP": "1" if a.openmp else "0", "HPO_DEVICE": os.environ.get("HPO_DEVICE") or "cpu",
+           "HPO_FLOATX": "float32"}
     res = {"depth": a.depth, "growth": a.growth, "batch": a.batch, "size": a.size, "steps": a.steps,
            "floatX": "float32", "openmp": a.openmp, "static_batch": a.static_batch, "cpu_count": os.cpu_count(),
            "load_average_start": os.getloadavg()[0]}
@@ -233,6 +236,8 @@ def table(res) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="DenseNet-10, batch 32, 3 steps")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="Theano device for the Theano workers (default $HPO_DEVICE, else cpu)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--growth", type=int, default=12)
@@ -249,6 +254,8 @@ def main(argv=None):
     a.depth = a.depth or (10 if a.quick else 40)
     a.batch = a.batch or (32 if a.quick else 64)
     a.steps = 3 if a.steps is None and a.quick else (5 if a.steps is None else a.steps)
+    if a.device:
+        os.environ["HPO_DEVICE"] = a.device      # read by the worker processes
     if a.worker:
         print(json.dumps(worker_torch(a) if a.worker == "torch" else worker_theano(a)))
         return 0
