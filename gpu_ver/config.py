@@ -184,7 +184,28 @@ def load(device=None, floatX=None):
     logging.getLogger("theano.tensor.blas").addFilter(_drop_ldflags_warning)
     import theano  # noqa: PLC0415 (must follow the flags)
     _cache_ops_without_props()
+    _finish_gpu_init(theano)
     return theano
+
+
+def _finish_gpu_init(theano) -> None:
+    """Complete Theano-PyMC 1.1.2's ``gpuarray.use`` after its name clash.
+
+    ``theano/gpuarray/__init__.py`` imports ``optdb`` from ``theano.compile`` and then a
+    submodule of its own called ``optdb`` replaces that name, so ``use(device)`` fails
+    right after initialising the device ("module 'theano.gpuarray.optdb' has no attribute
+    'add_tags'", logged as "Could not initialize pygpu"): the context exists but no
+    optimisation moves computations to the GPU (seen on an H100: every op stayed on the
+    CPU). This does the two steps that were skipped, with the real optimiser database.
+    """
+    ga = sys.modules.get("theano.gpuarray")
+    if ga is None or not getattr(ga, "pygpu_activated", False) or hasattr(ga.optdb, "add_tags"):
+        return
+    from theano.compile.mode import optdb  # noqa: PLC0415 (the SequenceDB)
+    from theano.gpuarray.type import gpuarray_shared_constructor  # noqa: PLC0415
+    optdb.add_tags("gpuarray_opt", "fast_run", "fast_compile")
+    optdb.add_tags("gpua_scanOp_make_inplace", "fast_run")
+    theano.compile.shared_constructor(gpuarray_shared_constructor)
 
 
 def _cache_ops_without_props() -> None:

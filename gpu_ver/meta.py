@@ -366,7 +366,10 @@ def run_drmad(args) -> int:
         timings["meta_s"] = time.perf_counter() - t1
         hypers.save(out / "hypers")
         if hist["val_loss"]:
-            plot_history(hist, out / "learning_curves.png")
+            try:
+                plot_history(hist, out / "learning_curves.png")
+            except ImportError:                      # e.g. a GPU machine without matplotlib
+                print("matplotlib not installed: learning_curves.png skipped", file=sys.stderr)
             print(f"validation loss {hist['val_loss'][0]:.4f} -> {hist['val_loss'][-1]:.4f} over "
                   f"{len(hist['val_loss'])} meta-iterations; test error {hist['test_error'][0]:.4f} -> "
                   f"{hist['test_error'][-1]:.4f}")
