@@ -26,7 +26,7 @@ DEBS="python3.11 python3.11-minimal libpython3.11 libpython3.11-minimal libpytho
       libgpuarray3 libgpuarray-dev python3-pygpu"
 FALLBACK_DEBS="libexpat1 libffi8 zlib1g"
 # name==version, for pip; wheels must be cp311 / pure-python, manylinux x86_64
-WHEELS="numpy==1.23.5 autograd==${HPO_AUTOGRAD_VERSION:-1.9.1} filelock six tqdm mako markupsafe"
+WHEELS="numpy==1.23.5 autograd==${HPO_AUTOGRAD_VERSION:-1.9.1} filelock six tqdm mako markupsafe setuptools==68.2.2"  # setuptools: Theano imports pkg_resources
 THEANO=theano-pymc==1.1.2
 
 mkdir -p "$B/debs" "$B/fallback" "$B/wheels"
