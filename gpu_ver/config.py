@@ -182,10 +182,73 @@ def load(device=None, floatX=None):
     os.makedirs(s.base_compiledir, exist_ok=True)
     os.environ["THEANO_FLAGS"] = merge_flags(os.environ.get("THEANO_FLAGS", ""), s.flags())
     logging.getLogger("theano.tensor.blas").addFilter(_drop_ldflags_warning)
+    if s.device == "cuda":
+        _install_gpuarray_patches()
     import theano  # noqa: PLC0415 (must follow the flags)
     _cache_ops_without_props()
     _finish_gpu_init(theano)
     return theano
+
+
+# Theano-PyMC 1.1.2 added an ``fgraph`` first argument to most of gpuarray's lifting
+# optimisers (``def local_gpua_dot22(fgraph, op, context_name, inputs, outputs)``) but not
+# to the two places that call them (``op_lifter``'s ``local_opt`` and ``GraphToGPU``), nor
+# to a few optimisers it left with the old signature; every lift then fails with
+# "missing 1 required positional argument: 'outputs'" and nothing moves to the GPU (seen
+# on an H100). These source patches route both calls through ``_hpo_lift``, which passes
+# ``fgraph`` to the functions that take it. Applied only when the CUDA device is used.
+_LIFT_HELPER = '''
+
+_hpo_arity = {}
+
+
+def _hpo_lift(call, target, fgraph, *args):
+    f = getattr(target, "fn", target)
+    n = _hpo_arity.get(f)
+    if n is None:
+        import inspect
+        try:
+            n = _hpo_arity[f] = len(inspect.signature(f).parameters)
+        except (TypeError, ValueError):
+            n = _hpo_arity[f] = len(args)
+    return call(fgraph, *args) if n == len(args) + 1 else call(*args)
+'''
+_GPUARRAY_PATCHES = {
+    "theano.gpuarray.opt_util": [
+        ("new_op = maker(node.op, context_name, node.inputs, node.outputs)",
+         "new_op = _hpo_lift(maker, maker, fgraph, node.op, context_name, node.inputs, node.outputs)")],
+    "theano.gpuarray.opt": [
+        ("new_ops = lopt.transform(\n                        node.op,",
+         "new_ops = _hpo_lift(lopt.transform, lopt, fgraph,\n                        node.op,")],
+}
+
+
+def _install_gpuarray_patches() -> None:
+    """Install (once) an import hook that applies ``_GPUARRAY_PATCHES`` to Theano's source."""
+    import importlib.machinery  # noqa: PLC0415
+
+    if any(type(f).__name__ == "_GpuarrayPatchFinder" for f in sys.meta_path):
+        return
+
+    class _Loader(importlib.machinery.SourceFileLoader):
+        def get_code(self, fullname):
+            src = self.get_data(self.path).decode("utf-8")
+            for old, new in _GPUARRAY_PATCHES[fullname]:
+                if old in src:
+                    src = src.replace(old, new)
+            return compile(src + _LIFT_HELPER, self.path, "exec", dont_inherit=True)
+
+    class _GpuarrayPatchFinder:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name not in _GPUARRAY_PATCHES:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is not None and spec.origin and spec.origin.endswith(".py"):
+                spec.loader = _Loader(name, spec.origin)
+            return spec
+
+    sys.meta_path.insert(0, _GpuarrayPatchFinder())
 
 
 def _finish_gpu_init(theano) -> None:
