@@ -34,39 +34,15 @@ import time
 import numpy as np
 
 from shared.errors import ConfigError
+from shared.fdcheck import check_groups
 
 PARTS = ("mlp", "hvp", "densenet")
 
 
-def directional_fd(F, eps: float) -> float:
-    """Fourth-order central difference of the scalar function F(s) at s = 0."""
-    return (8.0 * (F(eps) - F(-eps)) - (F(2 * eps) - F(-2 * eps))) / (12.0 * eps)
-
-
-def relative_error(a: float, n: float) -> float:
-    scale = max(abs(a), abs(n))
-    return 0.0 if scale == 0 else abs(a - n) / scale
-
-
 def fd_rows(engine, hypers, grads: dict, *, seed: int = 0, eps: float = 1e-3, groups=None) -> list:
     """(group, analytic, numeric, rel_err) for one random direction per group."""
-    from shared.exact_rep import quantised_momentum  # noqa: PLC0415
-
-    rng = np.random.default_rng(seed)
-    base = hypers.with_value("momentum", quantised_momentum(hypers.value("momentum")))
-    rows = []
-    for name in (groups or grads):
-        if name not in grads:
-            continue
-        val = base.value(name)
-        u = rng.standard_normal(val.shape) * val
-        a = float(np.sum(grads[name] * u))
-
-        def F(s, name=name, u=u, val=val):
-            return engine.objective_after_training(base.with_value(name, val + s * u), quantise=False)
-        n = directional_fd(F, eps)
-        rows.append((name, a, n, relative_error(a, n)))
-    return rows
+    return check_groups(lambda h: engine.objective_after_training(h, quantise=False), hypers, grads,
+                        seed=seed, eps=eps, groups=groups)
 
 
 def _hypers(problem, seed, lr_range):

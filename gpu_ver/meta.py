@@ -27,63 +27,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import numpy as np
 
 from shared.errors import ConfigError, NonFiniteError
+from shared.meta_opt import OPTIMIZERS, make_optimizer
 from shared.records import load_checkpoint, save_checkpoint
 
 KIND = "gpu_ver.meta/1"
-
-
-class Optimizer(NamedTuple):
-    init: Callable
-    update: Callable
-
-
-def sgd_momentum(lr: float, mass: float = 0.9) -> Optimizer:
-    def init(x):
-        return {"m": np.zeros_like(x)}
-
-    def update(x, g, state):
-        m = mass * state["m"] + g
-        return x - lr * m, {"m": m}
-    return Optimizer(init, update)
-
-
-def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
-    def init(x):
-        return {"m": np.zeros_like(x), "s": np.zeros_like(x), "k": np.zeros(())}
-
-    def update(x, g, state):
-        k = state["k"] + 1
-        m = b1 * state["m"] + (1 - b1) * g
-        s = b2 * state["s"] + (1 - b2) * g * g
-        mhat, shat = m / (1 - b1 ** k), s / (1 - b2 ** k)
-        return x - lr * mhat / (np.sqrt(shat) + eps), {"m": m, "s": s, "k": k}
-    return Optimizer(init, update)
-
-
-def sign_sgd(lr: float) -> Optimizer:
-    def init(x):
-        return {}
-
-    def update(x, g, state):
-        return x - lr * np.sign(g), state
-    return Optimizer(init, update)
-
-
-OPTIMIZERS = {"adam": adam, "sgd": sgd_momentum, "sign": sign_sgd}
-
-
-def make_optimizer(name: str, lr: float) -> Optimizer:
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"meta-optimiser must be one of {sorted(OPTIMIZERS)}, got {name!r}")
-    if not (lr > 0 and np.isfinite(lr)):
-        raise ConfigError(f"meta learning rate must be positive, got {lr}")
-    return OPTIMIZERS[name](lr)
 
 
 def clip(g: np.ndarray, max_norm=None, max_value=None) -> np.ndarray:
