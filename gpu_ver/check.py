@@ -36,7 +36,7 @@ import numpy as np
 from shared.errors import ConfigError
 from shared.fdcheck import check_groups
 
-PARTS = ("mlp", "hvp", "densenet")
+PARTS = ("mlp", "hvp", "densenet", "adaptive")
 
 
 def fd_rows(engine, hypers, grads: dict, *, seed: int = 0, eps: float = 1e-3, groups=None) -> list:
@@ -135,14 +135,21 @@ def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3) -> tupl
             t0 = time.perf_counter()
             rows += [("drmad_K=T:densenet", *r) for r in check_drmad(problem, hypers, seed=seed, eps=eps)]
             timings["densenet_s"] = time.perf_counter() - t0
+    if "adaptive" in parts:
+        from gpu_ver import adaptive  # noqa: PLC0415
+        t0 = time.perf_counter()
+        nan = float("nan")
+        rows += [(f"adaptive:{m}", "one-step", nan, nan, float(e)) for m, e in adaptive.check_all().items()]
+        timings["adaptive_s"] = time.perf_counter() - t0
     return rows, timings
 
 
 def print_table(rows, tol) -> None:
-    print(f"{'method':<22}{'group':<12}{'analytic':>16}{'finite diff':>16}{'rel err':>11}")
+    print(f"{'method':<28}{'group':<12}{'analytic':>16}{'finite diff':>16}{'rel err':>11}")
     for m, g, a, n, e in rows:
         flag = "" if e <= tol else "  FAIL"
-        print(f"{m:<22}{g:<12}{a:>16.8e}{n:>16.8e}{e:>11.2e}{flag}")
+        a_s, n_s = (f"{a:>16.8e}", f"{n:>16.8e}") if np.isfinite(a) else (f"{'-':>16}", f"{'-':>16}")
+        print(f"{m:<28}{g:<12}{a_s}{n_s}{e:>11.2e}{flag}")
 
 
 # --------------------------------------------------------------------------- command line
