@@ -109,14 +109,17 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from cpu_ver import models as _models
-from shared.errors import ConfigError, NonFiniteError, check_finite
+from shared.errors import ConfigError, check_finite
 from shared.layout import ParamLayout
-
-METHOD_NAMES = ("hd", "sgdn-hd", "adam-hd", "almeida", "idbd", "smd", "t1t2", "combined")
-PLAIN_NAMES = ("sgd", "sgdn", "adam")
-GRANULARITIES = ("global", "block", "unit", "param")
-_GRANULARITY_ALIASES = {"layer": "block", "per-layer": "block", "per-block": "block",
-                        "per-unit": "unit", "per-param": "param", "parameter": "param", "scalar": "global"}
+from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
+    CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
+    CheckProblem, OneStep, build_check_problem, fd_check, fd_directional)
+from shared.online import GRANULARITY_ALIASES as _GRANULARITY_ALIASES
+from shared.online import check_clip as _check_clip
+from shared.online import check_decay as _check_decay
+from shared.online import check_l2 as _check_l2
+from shared.online import check_meta_step as _check_meta_step
+from shared.online import check_positive as _check_positive
 
 
 # ---------------------------------------------------------------------------
@@ -231,32 +234,6 @@ class Method(NamedTuple):
 # ---------------------------------------------------------------------------
 # Small helpers
 
-def _check_meta_step(name, value):
-    if not np.isfinite(value) or value < 0:
-        raise ConfigError(f"meta step size {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_positive(name, value):
-    if not np.all(np.isfinite(value)) or np.any(np.asarray(value) <= 0):
-        raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
-    return value
-
-
-def _check_decay(name, value):
-    if not np.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"trace decay {name} must be in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_clip(clip):
-    if clip is None:
-        return None
-    if not np.isfinite(clip) or clip <= 0:
-        raise ConfigError(f"hypergradient clip must be > 0 (or None for no clipping), got {clip!r}")
-    return float(clip)
-
-
 def _clip(h, c):
     return h if c is None else np.clip(h, -c, c)
 
@@ -266,17 +243,6 @@ def _finite(what, x, step):
     s = np.sum(x)
     if not np.isfinite(s):
         check_finite(what, x, step)  # raises unless the sum merely overflowed
-
-
-def _check_l2(l2, n):
-    a = np.asarray(l2, dtype=float)
-    if a.ndim == 0:
-        if not np.isfinite(a) or a < 0:
-            raise ConfigError(f"l2 must be finite and >= 0, got {l2!r}")
-        return float(a)
-    if a.shape != (n,) or not np.all(np.isfinite(a)) or np.any(a < 0):
-        raise ConfigError(f"l2 must be a number or a per-parameter array of length {n}, finite and >= 0")
-    return a
 
 
 # ---------------------------------------------------------------------------
@@ -708,13 +674,6 @@ def state_step(state) -> int:
 # ---------------------------------------------------------------------------
 # One-step hypergradients (what each rule follows) and their finite-difference closures
 
-class OneStep(NamedTuple):
-    """``value``: analytic d loss / d hyper at ``hyper``; ``loss(hyper)``: the loss after the step."""
-    value: np.ndarray
-    hyper: np.ndarray
-    loss: Callable
-
-
 def _lr_view(method: Method, state):
     """(free hyperparameter used by the last step, map free -> per-group learning rate, grouping)."""
     name, cfg = method.name, method.config
@@ -798,94 +757,8 @@ def reset_trace(state):
     return state
 
 
-def fd_directional(loss, hyper, d, h):
-    """Central finite difference of loss(hyper + eps d) at eps = 0 (5-point stencil, O(h^4))."""
-    f = [loss(hyper + k * h * d) for k in (-2, -1, 1, 2)]
-    return (f[0] - 8 * f[1] + 8 * f[2] - f[3]) / (12 * h)
-
-
-def fd_check(onestep: OneStep, seed=0, n_random=3, rel_step=1e-3) -> float:
-    """Max relative error of ``value . d`` against central FD over directions d.
-
-    Directions: every coordinate when there are at most 12 hyperparameters,
-    else ``n_random`` seeded Gaussian directions and the all-ones direction.
-    """
-    m = onestep.hyper.size
-    if m <= 12:
-        dirs = list(np.eye(m))
-    else:
-        rng = np.random.default_rng([seed, m])
-        dirs = [rng.standard_normal(m) for _ in range(n_random)] + [np.ones(m)]
-    h = rel_step * max(float(np.sqrt(np.mean(onestep.hyper ** 2))), 1e-2)
-    worst = 0.0
-    for d in dirs:
-        a = float(np.dot(onestep.value, d))
-        fd = fd_directional(onestep.loss, onestep.hyper, d, h)
-        worst = max(worst, abs(a - fd) / max(abs(a), abs(fd), 1e-300))
-    return worst
-
-
 # ---------------------------------------------------------------------------
 # The deterministic check problem (mirrored by the Theano backend)
-
-class CheckProblem(NamedTuple):
-    """A small float64 problem built from a seed with numpy alone.
-
-    sizes/activation: the MLP; X, y (train) and Xv, yv (validation); w0;
-    batches: list of index arrays into the training set (step t uses batches[t]);
-    val_batches: index arrays into the validation set; l2: per-parameter L2.
-    """
-    sizes: tuple
-    activation: str
-    X: np.ndarray
-    y: np.ndarray
-    Xv: np.ndarray
-    yv: np.ndarray
-    w0: np.ndarray
-    batches: list
-    val_batches: list
-    l2: np.ndarray
-
-
-CHECK_WARMUP = 3
-
-
-def build_check_problem(seed=0, sizes=(5, 4, 3), activation="tanh", n_train=30, n_val=20, batch=10,
-                        n_steps=CHECK_WARMUP + 4) -> CheckProblem:
-    """Data from a random linear teacher, w0 = MLPSpec.init(seed), fixed batch indices."""
-    rng = np.random.default_rng([seed, 7])
-    d, k = sizes[0], sizes[-1]
-    teacher = rng.standard_normal((d, k))
-    X = rng.standard_normal((n_train + n_val, d))
-    y = np.argmax(X @ teacher + 0.5 * rng.standard_normal((n_train + n_val, k)), axis=1).astype(np.int64)
-    spec = _models.MLPSpec(tuple(sizes), activation)
-    w0 = spec.init(seed)
-    batches = [np.sort(rng.permutation(n_train)[:batch]) for _ in range(n_steps)]
-    val_batches = [np.sort(rng.permutation(n_val)[:batch]) for _ in range(n_steps)]
-    l2 = 1e-2 * np.exp(0.3 * rng.standard_normal(spec.layout.size))
-    return CheckProblem(tuple(sizes), activation, X[:n_train], y[:n_train], X[n_train:], y[n_train:],
-                        w0, batches, val_batches, l2)
-
-
-# name -> (method, options). lr values are initial rates; warm-up steps make
-# momentum, Adam moments, traces and previous directions non-trivial.
-CHECK_CONFIGS = {
-    "hd": ("hd", dict(lr=0.2, beta=0.05, granularity="global")),
-    "hd-block-log": ("hd", dict(lr=0.2, beta=0.3, granularity="block", log_space=True)),
-    "hd-unit": ("hd", dict(lr=0.2, beta=0.05, granularity="unit")),
-    "hd-param-log": ("hd", dict(lr=0.2, beta=0.3, granularity="param", log_space=True)),
-    "sgdn-hd": ("sgdn-hd", dict(lr=0.1, beta=0.05, granularity="block", momentum=0.9)),
-    "adam-hd": ("adam-hd", dict(lr=0.02, beta=1e-3, granularity="global")),
-    "almeida": ("almeida", dict(lr=0.2, beta=0.05, gamma=0.9)),
-    "idbd": ("idbd", dict(lr=0.2, theta=0.1, trace_decay=0.9)),
-    "idbd-hvp": ("idbd", dict(lr=0.2, theta=0.1, trace_decay=0.9, curvature="hvp")),
-    "smd": ("smd", dict(lr=0.2, mu=0.1, lam=0.9)),
-    "t1t2-block": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="block", meta_lr=0.1, every=1)),
-    "t1t2-unit": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="unit", meta_lr=0.1, every=1)),
-    "t1t2-param": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="param", meta_lr=0.1, every=1)),
-    "combined": ("combined", dict(lr=0.2, beta=0.3, l2_init=1e-2, meta_lr=0.1, every=1)),
-}
-TRACE_HORIZON = 3
 
 
 def _check_model(p: CheckProblem):

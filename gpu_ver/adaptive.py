@@ -59,7 +59,15 @@ import numpy as np
 from gpu_ver import config
 from shared.errors import ConfigError, NonFiniteError, check_finite
 from shared.layout import ParamLayout
-from shared.mlp_spec import MLPSpec
+from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
+    CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
+    CheckProblem, OneStep, build_check_problem, fd_check, fd_directional)
+from shared.online import GRANULARITY_ALIASES as _GRANULARITY_ALIASES
+from shared.online import check_clip as _check_clip
+from shared.online import check_decay as _check_decay
+from shared.online import check_l2 as _check_l2
+from shared.online import check_meta_step as _check_meta_step
+from shared.online import check_positive as _check_positive
 
 theano = config.load()
 T = theano.tensor
@@ -67,11 +75,6 @@ from theano.ifelse import ifelse  # noqa: E402
 
 from gpu_ver import models as M  # noqa: E402
 
-METHOD_NAMES = ("hd", "sgdn-hd", "adam-hd", "almeida", "idbd", "smd", "t1t2", "combined")
-PLAIN_NAMES = ("sgd", "sgdn", "adam")
-GRANULARITIES = ("global", "block", "unit", "param")
-_GRANULARITY_ALIASES = {"layer": "block", "per-layer": "block", "per-block": "block",
-                        "per-unit": "unit", "per-param": "param", "parameter": "param", "scalar": "global"}
 BN_MOMENTUM = M.BN_MOMENTUM
 
 
@@ -166,43 +169,6 @@ def make_grouping(layout: ParamLayout, kind: str) -> Grouping:
 
 # ---------------------------------------------------------------------------
 # Option checks (as cpu_ver)
-
-def _check_meta_step(name, value):
-    if not np.isfinite(value) or value < 0:
-        raise ConfigError(f"meta step size {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_positive(name, value):
-    if not np.all(np.isfinite(value)) or np.any(np.asarray(value) <= 0):
-        raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
-    return value
-
-
-def _check_decay(name, value):
-    if not np.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"trace decay {name} must be in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_clip(clip):
-    if clip is None:
-        return None
-    if not np.isfinite(clip) or clip <= 0:
-        raise ConfigError(f"hypergradient clip must be > 0 (or None for no clipping), got {clip!r}")
-    return float(clip)
-
-
-def _check_l2(l2, n):
-    a = np.asarray(l2, dtype=float)
-    if a.ndim == 0:
-        if not np.isfinite(a) or a < 0:
-            raise ConfigError(f"l2 must be finite and >= 0, got {l2!r}")
-        return float(a)
-    if a.shape != (n,) or not np.all(np.isfinite(a)) or np.any(a < 0):
-        raise ConfigError(f"l2 must be a number or a per-parameter array of length {n}, finite and >= 0")
-    return a
-
 
 def _check_moments(momentum, b1, b2, eps):
     if not 0.0 <= momentum < 1.0:
@@ -856,66 +822,6 @@ class OnlineRun:
 # ---------------------------------------------------------------------------
 # The check problem (mirror of cpu_ver's, numpy only)
 
-class CheckProblem(NamedTuple):
-    sizes: tuple
-    activation: str
-    X: np.ndarray
-    y: np.ndarray
-    Xv: np.ndarray
-    yv: np.ndarray
-    w0: np.ndarray
-    batches: list
-    val_batches: list
-    l2: np.ndarray
-
-
-CHECK_WARMUP = 3
-TRACE_HORIZON = 3
-
-
-def build_check_problem(seed=0, sizes=(5, 4, 3), activation="tanh", n_train=30, n_val=20, batch=10,
-                        n_steps=CHECK_WARMUP + 4) -> CheckProblem:
-    """cpu_ver.adaptive.build_check_problem, line for line (crosscheck_adaptive verifies it)."""
-    rng = np.random.default_rng([seed, 7])
-    d, k = sizes[0], sizes[-1]
-    teacher = rng.standard_normal((d, k))
-    X = rng.standard_normal((n_train + n_val, d))
-    y = np.argmax(X @ teacher + 0.5 * rng.standard_normal((n_train + n_val, k)), axis=1).astype(np.int64)
-    spec = MLPSpec(tuple(sizes), activation)
-    w0 = spec.init(seed)
-    batches = [np.sort(rng.permutation(n_train)[:batch]) for _ in range(n_steps)]
-    val_batches = [np.sort(rng.permutation(n_val)[:batch]) for _ in range(n_steps)]
-    l2 = 1e-2 * np.exp(0.3 * rng.standard_normal(spec.layout.size))
-    return CheckProblem(tuple(sizes), activation, X[:n_train], y[:n_train], X[n_train:], y[n_train:],
-                        w0, batches, val_batches, l2)
-
-
-CHECK_CONFIGS = {
-    "hd": ("hd", dict(lr=0.2, beta=0.05, granularity="global")),
-    "hd-block-log": ("hd", dict(lr=0.2, beta=0.3, granularity="block", log_space=True)),
-    "hd-unit": ("hd", dict(lr=0.2, beta=0.05, granularity="unit")),
-    "hd-param-log": ("hd", dict(lr=0.2, beta=0.3, granularity="param", log_space=True)),
-    "sgdn-hd": ("sgdn-hd", dict(lr=0.1, beta=0.05, granularity="block", momentum=0.9)),
-    "adam-hd": ("adam-hd", dict(lr=0.02, beta=1e-3, granularity="global")),
-    "almeida": ("almeida", dict(lr=0.2, beta=0.05, gamma=0.9)),
-    "idbd": ("idbd", dict(lr=0.2, theta=0.1, trace_decay=0.9)),
-    "idbd-hvp": ("idbd", dict(lr=0.2, theta=0.1, trace_decay=0.9, curvature="hvp")),
-    "smd": ("smd", dict(lr=0.2, mu=0.1, lam=0.9)),
-    "t1t2-block": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="block", meta_lr=0.1, every=1)),
-    "t1t2-unit": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="unit", meta_lr=0.1, every=1)),
-    "t1t2-param": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="param", meta_lr=0.1, every=1)),
-    "combined": ("combined", dict(lr=0.2, beta=0.3, l2_init=1e-2, meta_lr=0.1, every=1)),
-}
-TRACE_NAMES = (f"smd-trace{TRACE_HORIZON}", f"idbd-hvp-trace{TRACE_HORIZON}")
-
-
-class OneStep(NamedTuple):
-    """``value``: this backend's d loss / d hyper at ``hyper``; ``loss(hyper)``: the loss after the step."""
-    value: np.ndarray
-    hyper: np.ndarray
-    loss: Callable
-
-
 def _check_float64():
     if _fx() != "float64":
         raise ConfigError(f"the hypergradient checks need floatX=float64 (Theano was loaded with {_fx()}); "
@@ -1065,30 +971,6 @@ def trace_hypergradient(problem: CheckProblem, horizon=TRACE_HORIZON, method_nam
     return OneStep(value, np.zeros(1), loss)
 
 
-def fd_directional(loss, hyper, d, h):
-    """Central finite difference of loss(hyper + eps d) at eps = 0 (5-point stencil, O(h^4))."""
-    f = [loss(hyper + k * h * d) for k in (-2, -1, 1, 2)]
-    return (f[0] - 8 * f[1] + 8 * f[2] - f[3]) / (12 * h)
-
-
-def fd_check(onestep: OneStep, seed=0, n_random=3, rel_step=1e-3) -> float:
-    """Max relative error of ``value . d`` against central FD over directions d (as cpu_ver:
-    every coordinate up to 12 hyperparameters, else 3 seeded Gaussian directions and all-ones)."""
-    m = onestep.hyper.size
-    if m <= 12:
-        dirs = list(np.eye(m))
-    else:
-        rng = np.random.default_rng([seed, m])
-        dirs = [rng.standard_normal(m) for _ in range(n_random)] + [np.ones(m)]
-    h = rel_step * max(float(np.sqrt(np.mean(onestep.hyper ** 2))), 1e-2)
-    worst = 0.0
-    for d in dirs:
-        a = float(np.dot(onestep.value, d))
-        fd = fd_directional(onestep.loss, onestep.hyper, d, h)
-        worst = max(worst, abs(a - fd) / max(abs(a), abs(fd), 1e-300))
-    return worst
-
-
 def reference_hypergradients(seed=0) -> dict:
     """``name -> {part: hypergradient}`` on ``build_check_problem(seed)`` for every
     ``CHECK_CONFIGS`` entry and the two trace checks (this backend's numbers)."""
@@ -1125,20 +1007,10 @@ def crosscheck_adaptive(seed=0) -> dict:
     """``method -> max relative difference`` between this backend's one-step hypergradients and
     cpu_ver's ``reference_hypergradients(seed)`` on the same float64 problem: per part,
     max|gpu - cpu| / max|cpu| (so a near-zero entry does not blow up), maximised over parts.
-    Raises ConfigError if the mirrored check problem or configurations differ from cpu_ver's."""
+    Both backends build the problem from ``shared.online``."""
     _check_float64()
     from cpu_ver import adaptive as cad  # noqa: PLC0415 (cpu_ver only here)
 
-    mine_p, ref_p = build_check_problem(seed), cad.build_check_problem(seed)
-    for f in CheckProblem._fields:
-        a, b = getattr(mine_p, f), getattr(ref_p, f)
-        same = (a == b) if isinstance(a, (tuple, str)) else \
-            all(np.array_equal(x, z) for x, z in zip(a, b)) if isinstance(a, list) else np.array_equal(a, b)
-        if not same:
-            raise ConfigError(f"crosscheck: check problem field {f!r} differs from cpu_ver's")
-    if CHECK_CONFIGS != cad.CHECK_CONFIGS or CHECK_WARMUP != cad.CHECK_WARMUP or \
-            TRACE_HORIZON != cad.TRACE_HORIZON:
-        raise ConfigError("crosscheck: CHECK_CONFIGS/CHECK_WARMUP/TRACE_HORIZON differ from cpu_ver's")
     ref = cad.reference_hypergradients(seed)
     mine = reference_hypergradients(seed)
     out = {}

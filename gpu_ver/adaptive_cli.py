@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.online import method_kwargs
 from shared.errors import ConfigError
 
 # Mirrors of gpu_ver.adaptive's names (kept here so that argument parsing needs no Theano).
@@ -100,27 +101,6 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--no-baseline", dest="baseline", action="store_false", help="skip the plain optimiser's run")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
-
-
-def method_kwargs(args) -> dict:
-    """Constructor options of ``args.method`` from the command-line options (as cpu_ver)."""
-    m = args.method
-    if m in ("hd", "sgdn-hd", "adam-hd"):
-        return dict(lr=args.lr, beta=args.beta, granularity=args.granularity, log_space=args.log_space,
-                    momentum=args.momentum, l2=args.l2, clip=args.clip)
-    if m == "almeida":
-        return dict(lr=args.lr, beta=args.beta, l2=args.l2, clip=args.clip)
-    if m == "idbd":
-        return dict(lr=args.lr, theta=args.theta, trace_decay=1.0 if args.trace_decay is None else args.trace_decay,
-                    curvature=args.curvature, l2=args.l2, clip=args.clip)
-    if m == "smd":
-        return dict(lr=args.lr, mu=args.mu, lam=0.99 if args.trace_decay is None else args.trace_decay,
-                    l2=args.l2, clip=args.clip)
-    common = dict(l2_init=args.l2_init, l2_groups=args.l2_groups, meta_lr=args.meta_lr,
-                  every=args.hyper_every, at=args.hyper_at, clip=args.clip, meta_opt=args.meta_opt)
-    if m == "t1t2":
-        return dict(lr=args.lr, **common)
-    return dict(lr=args.lr, beta=args.beta, lr_granularity="param", **common)
 
 
 def baseline_method(args, layout, ad):

@@ -115,7 +115,21 @@ def _check_quotient(q) -> None:
         raise FixedPointOverflow(f"division by the momentum left the fixed-point range |x| < {X_LIMIT:g}")
 
 
-class IntBuffer:
+class _FixedPointOps:
+    """``mul_fixed``/``div_fixed`` on top of a buffer's ``mul_step``/``div_step``."""
+
+    def mul_fixed(self, c, n) -> np.ndarray:
+        """c * n / d on fixed-point integers: (c div d) n + pop_n, with c mod d pushed."""
+        return (c >> RADIX_BITS) * n + self.mul_step(c & (D - 1), n)
+
+    def div_fixed(self, c, n) -> np.ndarray:
+        """The inverse of ``mul_fixed``: (c div n) d + pop_d, with c mod n pushed."""
+        q = c // n
+        _check_quotient(q)
+        return (q << RADIX_BITS) | self.div_step(c - q * n, n)
+
+
+class IntBuffer(_FixedPointOps):
     """Reference buffer: one unbounded Python integer per weight (the test oracle).
 
     push(r, M): B = B M + r;  pop(M): r = B mod M, B = B div M; an empty buffer pops 0.
@@ -139,16 +153,6 @@ class IntBuffer:
         r1 = self.B % D
         self.B = self.B // D
         return r1.astype(np.int64)
-
-    def mul_fixed(self, c, n) -> np.ndarray:
-        """c * n / d on fixed-point integers: (c div d) n + pop_n, with c mod d pushed."""
-        return (c >> RADIX_BITS) * n + self.mul_step(c & (D - 1), n)
-
-    def div_fixed(self, c, n) -> np.ndarray:
-        """The inverse of ``mul_fixed``: (c div n) d + pop_d, with c mod n pushed."""
-        q = c // n
-        _check_quotient(q)
-        return (q << RADIX_BITS) | self.div_step(c - q * n, n)
 
     def bits(self) -> float:
         return float(sum(int(b).bit_length() for b in self.B))
@@ -187,7 +191,7 @@ def _digit_range(s, n):
     return start.astype(np.uint64), (end - start).astype(np.uint64)
 
 
-class VectorBuffer:
+class VectorBuffer(_FixedPointOps):
     """Vectorised rANS buffer: a 64-bit head per weight in [2^31, 2^47) plus 16-bit words."""
 
     def __init__(self, size: int, capacity: int = 8):
@@ -262,16 +266,6 @@ class VectorBuffer:
         y = (q << _SHP) + (z - q * freq) + start
         self.head = ((y >> _SHP) << _SHF) | (y & _FMASK)
         return ((y & _SLOT) >> _SHF).astype(np.int64)
-
-    def mul_fixed(self, c, n) -> np.ndarray:
-        """c * n / d on fixed-point integers: (c div d) n + pop_n, with c mod d pushed."""
-        return (c >> RADIX_BITS) * n + self.mul_step(c & (D - 1), n)
-
-    def div_fixed(self, c, n) -> np.ndarray:
-        """The inverse of ``mul_fixed``: (c div n) d + pop_d, with c mod n pushed."""
-        q = c // n
-        _check_quotient(q)
-        return (q << RADIX_BITS) | self.div_step(c - q * n, n)
 
     def bits(self) -> float:
         """Stored information in bits beyond the empty state: sum log2(x) - 31 + 16 depth."""

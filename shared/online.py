@@ -1,0 +1,177 @@
+"""Backend-neutral pieces of the online (adaptive) hyperparameter methods.
+
+Both ``cpu_ver.adaptive`` (autograd/numpy) and ``gpu_ver.adaptive`` (Theano) implement
+the same methods under the same names; what does not depend on the backend lives here:
+the method and granularity names, the option checks (clear ``ConfigError`` messages),
+the deterministic float64 check problem and its configurations (the numbers both
+backends must reproduce to 1e-10), and the finite-difference check of a one-step
+hypergradient (``shared.fdcheck``'s fourth-order stencil along directions).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from shared.errors import ConfigError
+from shared.fdcheck import directional_fd
+from shared.mlp_spec import MLPSpec
+
+METHOD_NAMES = ("hd", "sgdn-hd", "adam-hd", "almeida", "idbd", "smd", "t1t2", "combined")
+PLAIN_NAMES = ("sgd", "sgdn", "adam")
+GRANULARITIES = ("global", "block", "unit", "param")
+GRANULARITY_ALIASES = {"layer": "block", "per-layer": "block", "per-block": "block",
+                        "per-unit": "unit", "per-param": "param", "parameter": "param", "scalar": "global"}
+
+
+def check_meta_step(name, value):
+    if not np.isfinite(value) or value < 0:
+        raise ConfigError(f"meta step size {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_positive(name, value):
+    if not np.all(np.isfinite(value)) or np.any(np.asarray(value) <= 0):
+        raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
+    return value
+
+
+def check_decay(name, value):
+    if not np.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"trace decay {name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_clip(clip):
+    if clip is None:
+        return None
+    if not np.isfinite(clip) or clip <= 0:
+        raise ConfigError(f"hypergradient clip must be > 0 (or None for no clipping), got {clip!r}")
+    return float(clip)
+
+
+def check_l2(l2, n):
+    a = np.asarray(l2, dtype=float)
+    if a.ndim == 0:
+        if not np.isfinite(a) or a < 0:
+            raise ConfigError(f"l2 must be finite and >= 0, got {l2!r}")
+        return float(a)
+    if a.shape != (n,) or not np.all(np.isfinite(a)) or np.any(a < 0):
+        raise ConfigError(f"l2 must be a number or a per-parameter array of length {n}, finite and >= 0")
+    return a
+
+
+class OneStep(NamedTuple):
+    """``value``: analytic d loss / d hyper at ``hyper``; ``loss(hyper)``: the loss after the step."""
+    value: np.ndarray
+    hyper: np.ndarray
+    loss: Callable
+
+
+def fd_directional(loss, hyper, d, h):
+    """Central finite difference of loss(hyper + eps d) at eps = 0 (fourth order)."""
+    return directional_fd(lambda s: loss(hyper + s * d), h)
+
+
+def fd_check(onestep: OneStep, seed=0, n_random=3, rel_step=1e-3) -> float:
+    """Max relative error of ``value . d`` against central FD over directions d.
+
+    Directions: every coordinate when there are at most 12 hyperparameters,
+    else ``n_random`` seeded Gaussian directions and the all-ones direction.
+    """
+    m = onestep.hyper.size
+    if m <= 12:
+        dirs = list(np.eye(m))
+    else:
+        rng = np.random.default_rng([seed, m])
+        dirs = [rng.standard_normal(m) for _ in range(n_random)] + [np.ones(m)]
+    h = rel_step * max(float(np.sqrt(np.mean(onestep.hyper ** 2))), 1e-2)
+    worst = 0.0
+    for d in dirs:
+        a = float(np.dot(onestep.value, d))
+        fd = fd_directional(onestep.loss, onestep.hyper, d, h)
+        worst = max(worst, abs(a - fd) / max(abs(a), abs(fd), 1e-300))
+    return worst
+
+
+class CheckProblem(NamedTuple):
+    """A small float64 problem built from a seed with numpy alone.
+
+    sizes/activation: the MLP; X, y (train) and Xv, yv (validation); w0;
+    batches: list of index arrays into the training set (step t uses batches[t]);
+    val_batches: index arrays into the validation set; l2: per-parameter L2.
+    """
+    sizes: tuple
+    activation: str
+    X: np.ndarray
+    y: np.ndarray
+    Xv: np.ndarray
+    yv: np.ndarray
+    w0: np.ndarray
+    batches: list
+    val_batches: list
+    l2: np.ndarray
+
+
+CHECK_WARMUP = 3
+
+
+def build_check_problem(seed=0, sizes=(5, 4, 3), activation="tanh", n_train=30, n_val=20, batch=10,
+                        n_steps=CHECK_WARMUP + 4) -> CheckProblem:
+    """Data from a random linear teacher, w0 = MLPSpec.init(seed), fixed batch indices."""
+    rng = np.random.default_rng([seed, 7])
+    d, k = sizes[0], sizes[-1]
+    teacher = rng.standard_normal((d, k))
+    X = rng.standard_normal((n_train + n_val, d))
+    y = np.argmax(X @ teacher + 0.5 * rng.standard_normal((n_train + n_val, k)), axis=1).astype(np.int64)
+    spec = MLPSpec(tuple(sizes), activation)
+    w0 = spec.init(seed)
+    batches = [np.sort(rng.permutation(n_train)[:batch]) for _ in range(n_steps)]
+    val_batches = [np.sort(rng.permutation(n_val)[:batch]) for _ in range(n_steps)]
+    l2 = 1e-2 * np.exp(0.3 * rng.standard_normal(spec.layout.size))
+    return CheckProblem(tuple(sizes), activation, X[:n_train], y[:n_train], X[n_train:], y[n_train:],
+                        w0, batches, val_batches, l2)
+
+
+# name -> (method, options). lr values are initial rates; warm-up steps make
+# momentum, Adam moments, traces and previous directions non-trivial.
+CHECK_CONFIGS = {
+    "hd": ("hd", dict(lr=0.2, beta=0.05, granularity="global")),
+    "hd-block-log": ("hd", dict(lr=0.2, beta=0.3, granularity="block", log_space=True)),
+    "hd-unit": ("hd", dict(lr=0.2, beta=0.05, granularity="unit")),
+    "hd-param-log": ("hd", dict(lr=0.2, beta=0.3, granularity="param", log_space=True)),
+    "sgdn-hd": ("sgdn-hd", dict(lr=0.1, beta=0.05, granularity="block", momentum=0.9)),
+    "adam-hd": ("adam-hd", dict(lr=0.02, beta=1e-3, granularity="global")),
+    "almeida": ("almeida", dict(lr=0.2, beta=0.05, gamma=0.9)),
+    "idbd": ("idbd", dict(lr=0.2, theta=0.1, trace_decay=0.9)),
+    "idbd-hvp": ("idbd", dict(lr=0.2, theta=0.1, trace_decay=0.9, curvature="hvp")),
+    "smd": ("smd", dict(lr=0.2, mu=0.1, lam=0.9)),
+    "t1t2-block": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="block", meta_lr=0.1, every=1)),
+    "t1t2-unit": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="unit", meta_lr=0.1, every=1)),
+    "t1t2-param": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="param", meta_lr=0.1, every=1)),
+    "combined": ("combined", dict(lr=0.2, beta=0.3, l2_init=1e-2, meta_lr=0.1, every=1)),
+}
+TRACE_HORIZON = 3
+TRACE_NAMES = (f"smd-trace{TRACE_HORIZON}", f"idbd-hvp-trace{TRACE_HORIZON}")
+
+
+def method_kwargs(args) -> dict:
+    """Constructor options of ``args.method`` from the ``adaptive`` command-line options
+    (the same options in both backends)."""
+    m = args.method
+    if m in ("hd", "sgdn-hd", "adam-hd"):
+        return dict(lr=args.lr, beta=args.beta, granularity=args.granularity, log_space=args.log_space,
+                    momentum=args.momentum, l2=args.l2, clip=args.clip)
+    if m == "almeida":
+        return dict(lr=args.lr, beta=args.beta, l2=args.l2, clip=args.clip)
+    if m == "idbd":
+        return dict(lr=args.lr, theta=args.theta, trace_decay=1.0 if args.trace_decay is None else args.trace_decay,
+                    curvature=args.curvature, l2=args.l2, clip=args.clip)
+    if m == "smd":
+        return dict(lr=args.lr, mu=args.mu, lam=0.99 if args.trace_decay is None else args.trace_decay,
+                    l2=args.l2, clip=args.clip)
+    common = dict(l2_init=args.l2_init, l2_groups=args.l2_groups, meta_lr=args.meta_lr,
+                  every=args.hyper_every, at=args.hyper_at, clip=args.clip, meta_opt=args.meta_opt)
+    if m == "t1t2":
+        return dict(lr=args.lr, **common)
+    return dict(lr=args.lr, beta=args.beta, lr_granularity="param", **common)
