@@ -23,11 +23,10 @@ import numpy as np
 
 from cpu_ver import adaptive as ad
 from cpu_ver.models import MLP, parse_layers
-from shared.online import method_kwargs
+from shared.online import BASELINE_OF, method_kwargs
 from shared.errors import ConfigError
 
 _DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-BASELINE_OF = {"sgdn-hd": "sgdn", "adam-hd": "adam"}
 
 
 def _has(parser, opt):

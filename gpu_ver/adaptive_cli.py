@@ -34,13 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.online import method_kwargs
+from shared.online import BASELINE_OF, GRANULARITIES, METHOD_NAMES, method_kwargs
 from shared.errors import ConfigError
 
-# Mirrors of gpu_ver.adaptive's names (kept here so that argument parsing needs no Theano).
-METHOD_NAMES = ("hd", "sgdn-hd", "adam-hd", "almeida", "idbd", "smd", "t1t2", "combined")
-GRANULARITIES = ("global", "block", "unit", "param")
-BASELINE_OF = {"sgdn-hd": "sgdn", "adam-hd": "adam"}
 
 
 def _has(parser, opt):

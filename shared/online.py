@@ -20,6 +20,7 @@ from shared.mlp_spec import MLPSpec
 METHOD_NAMES = ("hd", "sgdn-hd", "adam-hd", "almeida", "idbd", "smd", "t1t2", "combined")
 PLAIN_NAMES = ("sgd", "sgdn", "adam")
 GRANULARITIES = ("global", "block", "unit", "param")
+BASELINE_OF = {"sgdn-hd": "sgdn", "adam-hd": "adam"}   # the plain optimiser each method is compared with
 GRANULARITY_ALIASES = {"layer": "block", "per-layer": "block", "per-block": "block",
                         "per-unit": "unit", "per-param": "param", "parameter": "param", "scalar": "global"}
 
