@@ -109,6 +109,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from cpu_ver import models as _models
+from cpu_ver import online_kernels as _kernels
 from shared.errors import ConfigError, check_finite
 from shared.layout import ParamLayout
 from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
@@ -407,7 +408,14 @@ class IDBDState(NamedTuple):
     hyper: np.ndarray   # beta = log alpha, per parameter
     h: np.ndarray       # trace ~ dw/dbeta
     u: np.ndarray       # last applied direction (g)
-    hg: np.ndarray      # last g * h
+    h_prev: np.ndarray  # the trace the last update used
+    clip: float         # hypergradient clip (inf: none)
+
+    @property
+    def hg(self):
+        """The last update's hypergradient clip(g h), formed on demand (the
+        update itself never stores it: one array pass less per step)."""
+        return np.clip(self.u * self.h_prev, -self.clip, self.clip)
 
 
 def idbd(layout, lr=1e-3, theta=1e-2, trace_decay=1.0, curvature="diag", l2=0.0, clip=None) -> Method:
@@ -422,36 +430,37 @@ def idbd(layout, lr=1e-3, theta=1e-2, trace_decay=1.0, curvature="diag", l2=0.0,
     l2 = _check_l2(l2, layout.size)
     cfg = dict(lr=lr, theta=theta, trace_decay=decay, curvature=curvature, clip=clip)
 
+    clip_value = np.inf if clip is None else clip
+
     def init(w0):
         z = np.zeros_like(w0)
-        return IDBDState(0, np.log(np.broadcast_to(np.asarray(lr, float), w0.shape)).copy(), z, z, z)
+        return IDBDState(0, np.log(np.broadcast_to(np.asarray(lr, float), w0.shape)).copy(), z, z, z, clip_value)
 
     def update(info, state, w):
-        # Written for few elementwise passes (this update runs on every parameter at
-        # every step): in-place operations on arrays allocated here, never on inputs.
         g, t, h = info.g, state.t, state.h
+        if curvature == "diag" or decay == 0.0:
+            # one compiled pass (cpu_ver/online_kernels.py); the same arithmetic as below
+            w_new, b, h_new = np.empty_like(w), np.empty_like(w), np.empty_like(w)
+            if info.diag_h is None or curvature == "hvp":
+                bad = _kernels.idbd_kernel(g, h, state.hyper, w, theta, decay, clip_value, w_new, b, h_new)
+            else:
+                d = np.ascontiguousarray(info.diag_h, float)
+                bad = _kernels.idbd_diag_kernel(g, h, state.hyper, w, d, theta, decay, clip_value, w_new, b, h_new)
+            if bad:
+                check_finite("IDBD hypergradient", _clip(g * h, clip), t)
+            return w_new, IDBDState(t + 1, b, h_new, g, h, clip_value)
         hg = _clip(g * h, clip)
         _finite("IDBD hypergradient", hg, t)
         b = np.multiply(hg, -theta)
         b += state.hyper                      # beta_t = beta_{t-1} - theta g_t h_t
         step = np.exp(b)                      # alpha_t
-        if curvature == "hvp":
-            h_new = h - step * info.hvp(h)    # (I - alpha H) h, before alpha is overwritten
-        elif info.diag_h is not None:
-            h_new = h * np.maximum(0.0, 1.0 - step * info.diag_h)
-        else:
-            h_new = None
+        h_new = h - step * info.hvp(h)        # (I - alpha H) h, before alpha is overwritten
         step *= g                             # alpha_t g_t
         w_new = w - step
-        if h_new is None:
-            h_new = h - step if decay == 1.0 else np.multiply(h, decay)
-            if decay != 1.0:
-                h_new -= step
-        else:
-            if decay != 1.0:
-                h_new *= decay
-            h_new -= step
-        return w_new, IDBDState(t + 1, b, h_new, g, hg)
+        if decay != 1.0:
+            h_new *= decay
+        h_new -= step
+        return w_new, IDBDState(t + 1, b, h_new, g, h, clip_value)
 
     return Method("idbd", cfg, init, update, lambda s: l2, lambda s: np.exp(s.hyper), lambda s: l2,
                   needs_hvp=(curvature == "hvp" and decay > 0))
