@@ -72,7 +72,7 @@ def worker_theano(a) -> dict:
     from gpu_ver import models as M  # noqa: PLC0415
 
     net = M.DenseNet(a.depth, a.growth, input_shape=(3, a.size, a.size),
-                     batch_size=a.batch if a.static_batch else None)
+                     batch_size=a.batch if a.static_batch else None, conv=a.conv)
     rng = np.random.default_rng(0)
     X = rng.standard_normal((a.batch, 3, a.size, a.size)).astype("float32")
     y = rng.integers(0, 10, a.batch).astype("int64")
@@ -175,29 +175,29 @@ def _torch_python(opt):
 
 def run(a) -> dict:
     common = ["--depth", str(a.depth), "--growth", str(a.growth), "--batch", str(a.batch),
-              "--size", str(a.size), "--steps", str(a.steps)] + ([] if a.static_batch else ["--dynamic-batch"])
+              "--size", str(a.size), "--conv", a.conv] + ([] if a.static_batch else ["--dynamic-batch"])
     env = {"HPO_OPENMP": "1" if a.openmp else "0", "HPO_DEVICE": os.environ.get("HPO_DEVICE") or "cpu",
            "HPO_FLOATX": "float32"}
     res = {"depth": a.depth, "growth": a.growth, "batch": a.batch, "size": a.size, "steps": a.steps,
-           "floatX": "float32", "openmp": a.openmp, "static_batch": a.static_batch, "cpu_count": os.cpu_count(),
+           "floatX": "float32", "conv": a.conv, "openmp": a.openmp, "static_batch": a.static_batch, "cpu_count": os.cpu_count(),
            "load_average_start": os.getloadavg()[0]}
     tmp = Path(tempfile.mkdtemp(prefix="densenet-bench-"))
     try:
         cache = {**env, "HPO_THEANO_CACHE": str(tmp / "cache-train")}
         print(f"[1/4] Theano training step, cold cache ({tmp})", file=sys.stderr, flush=True)
-        cold = _spawn(sys.executable, ["--worker", "train", *common], cache)
+        cold = _spawn(sys.executable, ["--worker", "train", *common, "--steps", str(a.steps)], cache)
         print("[2/4] Theano training step, warm cache", file=sys.stderr, flush=True)
-        warm = _spawn(sys.executable, ["--worker", "train", *common[:-2], "--steps", "0"], cache)
+        warm = _spawn(sys.executable, ["--worker", "train", *common, "--steps", "0"], cache)
         rev = {}
         if a.reverse:
             print("[3/4] Theano HVP (DrMAD reverse step), cold cache", file=sys.stderr, flush=True)
-            rev = _spawn(sys.executable, ["--worker", "reverse", *common[:-2], "--steps", "1"],
+            rev = _spawn(sys.executable, ["--worker", "reverse", *common, "--steps", "1"],
                          {**env, "HPO_THEANO_CACHE": str(tmp / "cache-reverse")})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("[4/4] PyTorch training step", file=sys.stderr, flush=True)
     tp = _torch_python(a.torch_python)
-    tor = _spawn(tp, ["--worker", "torch", *common])
+    tor = _spawn(tp, ["--worker", "torch", *common, "--steps", str(a.steps)])
     for name, d in (("train_cold", cold), ("train_cached", warm), ("reverse", rev), ("torch", tor)):
         if "error" in d:
             res[f"{name}_error"] = d["error"]
@@ -244,6 +244,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--conv", default="gemm", choices=("gemm", "corrmm"),
+                   help="DenseNet convolution: gemm (default: NHWC, one product per layer) or corrmm "
+                        "(Theano's conv2d)")
     p.add_argument("--openmp", action="store_true", help="Theano openmp=True (CorrMM parallel over the batch)")
     p.add_argument("--dynamic-batch", dest="static_batch", action="store_false",
                    help="leave the batch size out of conv2d's static shapes (much slower to compile)")

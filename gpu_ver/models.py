@@ -66,6 +66,8 @@ T = theano.tensor
 from theano.tensor.nnet import conv2d  # noqa: E402 (after config.load)
 from theano.tensor.signal.pool import pool_2d  # noqa: E402
 
+from gpu_ver.conv import conv_gemm  # noqa: E402
+
 BN_EPS = 1e-5          # as torch.nn.BatchNorm2d
 BN_MOMENTUM = 0.1      # running <- (1 - m) running + m batch (torch convention)
 
@@ -103,24 +105,30 @@ def cross_entropy(logits, y):
     return -log_softmax(logits)[T.arange(y.shape[0]), y].mean()
 
 
-def batch_norm(x, scale, shift, stats=None, eps=BN_EPS):
-    """Per-channel batch normalisation of a (n, c, h, w) tensor (Ioffe & Szegedy 2015).
+def batch_norm(x, scale, shift, stats=None, eps=BN_EPS, axis=1):
+    """Per-channel batch normalisation of a 4-d tensor with channels on ``axis``
+    (1: (n, c, h, w); 3: (n, h, w, c)) (Ioffe & Szegedy 2015).
 
         y = scale * (x - mu) / sqrt(var + eps) + shift
 
-    ``stats=None``: mu, var are the batch mean and (biased) variance over (n, h, w),
-    written with ``x.mean``/``x.var`` so that second derivatives are right
+    ``stats=None``: mu, var are the batch mean and (biased) variance over the
+    other axes, written with ``x.mean`` so that second derivatives are right
     (``batch_normalization_train`` gets them wrong; THEANO.md). Otherwise
     ``stats = (mu, var)`` (running averages, for evaluation). Returns (y, (mu, var)).
     """
+    others = tuple(a for a in range(4) if a != axis)
+    pattern = tuple(0 if a == axis else "x" for a in range(4))
     if stats is None:
-        mu = x.mean(axis=(0, 2, 3))
-        var = T.sqr(x - mu.dimshuffle("x", 0, "x", "x")).mean(axis=(0, 2, 3))
+        mu = x.mean(axis=others)
+        var = T.sqr(x - mu.dimshuffle(*pattern)).mean(axis=others)
     else:
         mu, var = stats
     a = scale / T.sqrt(var + eps)
     b = shift - mu * a
-    return x * a.dimshuffle("x", 0, "x", "x") + b.dimshuffle("x", 0, "x", "x"), (mu, var)
+    return x * a.dimshuffle(*pattern) + b.dimshuffle(*pattern), (mu, var)
+
+
+CONV_IMPLS = ("gemm", "corrmm")
 
 
 def _check_activation(name):
@@ -186,6 +194,7 @@ class DenseNet:
     input_shape: tuple = (3, 32, 32)
     activation: str = "relu"
     batch_size: int | None = None
+    conv: str = "gemm"
 
     def __post_init__(self):
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
@@ -204,6 +213,8 @@ class DenseNet:
         if int(self.n_classes) < 2:
             raise ConfigError(f"DenseNet needs at least 2 classes, got {self.n_classes}")
         _check_activation(self.activation)
+        if self.conv not in CONV_IMPLS:
+            raise ConfigError(f"DenseNet conv must be one of {', '.join(CONV_IMPLS)}, got {self.conv!r}")
 
     # -- architecture as a plan (shared by layout, init and forward) ------------
     @property
@@ -212,7 +223,7 @@ class DenseNet:
 
     def plan(self) -> list:
         """Units in order: ('conv', name, cin, cout, ksize, hw), ('bn', name, c, hw),
-        ('concat_start',), ('concat',), ('pool',), ('gap',), ('fc', name, cin, cout).
+        ('keep',), ('concat',), ('pool', c, hw), ('gap',), ('fc', name, cin, cout).
 
         A dense layer is bn, [conv1x1, bn,] conv3x3, concat; hw = (H, W) at that unit.
         """
@@ -233,7 +244,8 @@ class DenseNet:
                 c += k
             if b < 3:
                 cout = int(np.floor(self.compression * c))
-                units += [("bn", f"t{b}.bn", c, (H, W)), ("conv", f"t{b}.conv", c, cout, 1, (H, W)), ("pool",)]
+                units += [("bn", f"t{b}.bn", c, (H, W)), ("conv", f"t{b}.conv", c, cout, 1, (H, W)),
+                          ("pool", cout, (H, W))]
                 c, H, W = cout, H // 2, W // 2
         units += [("bn", "final.bn", c, (H, W)), ("gap",), ("fc", "fc", c, int(self.n_classes))]
         return units
@@ -306,32 +318,51 @@ class DenseNet:
 
     # -- graph -----------------------------------------------------------------------
     def forward(self, blocks, X, bn_stats=None):
-        """Logits and the batch (mean, var) of every BN layer (``[]`` entries when ``bn_stats`` given)."""
+        """Logits and the batch (mean, var) of every BN layer (``[]`` entries when ``bn_stats`` given).
+
+        ``X`` is (n, c, H, W). With ``conv="gemm"`` (default) the network runs in
+        (c, n, H, W) order (``gpu_ver/conv.py``): every convolution is one
+        matrix product (plus, for 3x3, a sum of shifted planes), a
+        concatenation joins contiguous blocks; ``conv="corrmm"`` keeps
+        (n, c, H, W) and Theano's ``conv2d`` (CorrMM on the C backend). Same
+        function of the same parameters (tests/test_gpu_models.py compares them).
+        """
         p = dict(zip(self.layout.names, blocks))
         act = ACTIVATIONS[self.activation]
         B = self.batch_size
-        h, keep, out_stats, i_bn = X, None, [], 0
+        cnhw = self.conv == "gemm"
+        ca = 0 if cnhw else 1                                  # channel axis
+        n = (X.shape[0] if B is None else B)
+        h = X.dimshuffle(1, 0, 2, 3) if cnhw else X
+        keep, out_stats, i_bn = None, [], 0
         for u in self.plan():
             kind = u[0]
             if kind == "conv":
                 _, name, cin, cout, ks, (H, W) = u
-                h = conv2d(h, p[f"{name}.W"], input_shape=(B, cin, H, W), filter_shape=(cout, cin, ks, ks),
-                           border_mode="half", filter_flip=False)
+                if cnhw:
+                    h = conv_gemm(h, p[f"{name}.W"], n, (H, W), cin, cout, ks)
+                else:
+                    h = conv2d(h, p[f"{name}.W"], input_shape=(B, cin, H, W), filter_shape=(cout, cin, ks, ks),
+                               border_mode="half", filter_flip=False)
             elif kind == "bn":
                 name = u[1]
                 h, st = batch_norm(h, p[f"{name}.scale"], p[f"{name}.shift"],
-                                   None if bn_stats is None else bn_stats[i_bn])
+                                   None if bn_stats is None else bn_stats[i_bn], axis=ca)
                 h = act(h)
                 out_stats.append(st)
                 i_bn += 1
             elif kind == "keep":
                 keep = h
             elif kind == "concat":
-                h = T.concatenate([keep, h], axis=1)
+                h = T.concatenate([keep, h], axis=ca)
             elif kind == "pool":
-                h = pool_2d(h, ws=(2, 2), ignore_border=True, mode="average_inc_pad")
+                if cnhw:   # 2x2 average: a reshape and a mean (H, W even by construction)
+                    _, c, (H, W) = u
+                    h = h.reshape((c, n, H // 2, 2, W // 2, 2)).mean(axis=(3, 5))
+                else:
+                    h = pool_2d(h, ws=(2, 2), ignore_border=True, mode="average_inc_pad")
             elif kind == "gap":
-                h = h.mean(axis=(2, 3))
+                h = h.mean(axis=(2, 3)).T if cnhw else h.mean(axis=(2, 3))
             elif kind == "fc":
                 h = T.dot(h, p["fc.W"]) + p["fc.b"]
         return h, (out_stats if bn_stats is None else [])
