@@ -66,6 +66,7 @@ T = theano.tensor
 from theano.tensor.nnet import conv2d  # noqa: E402 (after config.load)
 from theano.tensor.signal.pool import pool_2d  # noqa: E402
 
+from gpu_ver import fncache  # noqa: E402
 from gpu_ver.conv import conv_gemm  # noqa: E402
 
 BN_EPS = 1e-5          # as torch.nn.BatchNorm2d
@@ -575,7 +576,7 @@ def compile_sgd_step(state: SGDState, momentum=0.9, nesterov=True, bn_momentum=B
         updates += [(rm, (1 - bn_momentum) * rm + bn_momentum * mu),
                     (rv, (1 - bn_momentum) * rv + bn_momentum * unbiased)]
     n_err = T.neq(T.argmax(logits, axis=1), y).sum()
-    return theano.function([X, y], [loss, nll, n_err], updates=updates, name="sgd_step")
+    return fncache.function([X, y], [loss, nll, n_err], updates=updates, name="sgd_step")
 
 
 def _bn_shapes(model):
@@ -595,7 +596,7 @@ def compile_evaluate(state: SGDState, model=None):
     logits, _ = m.forward(split(state.w, m.layout), X, state.bn if m.n_bn else None)
     ce = -log_softmax(logits)[T.arange(y.shape[0]), y]
     err = T.neq(T.argmax(logits, axis=1), y)
-    return theano.function([X, y], [ce, err], name="evaluate")
+    return fncache.function([X, y], [ce, err], name="evaluate")
 
 
 def with_batch_size(model, batch_size):

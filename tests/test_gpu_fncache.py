@@ -1,0 +1,58 @@
+"""gpu_ver/fncache.py: a stored optimised function is reused with the caller's shared
+variables, gives what a fresh compile gives, and a bad entry is recompiled."""
+import numpy as np
+import pytest
+
+from gpu_ver import config
+
+config.load(device="cpu", floatX="float64")
+
+from gpu_ver import fncache  # noqa: E402
+from gpu_ver import models as M  # noqa: E402
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(fncache, "cache_dir", lambda: tmp_path)
+    monkeypatch.delenv(fncache.ENV_SWITCH, raising=False)
+    return tmp_path
+
+
+def _run(state, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    step = M.compile_sgd_step(state, 0.9, nesterov=True)
+    out = []
+    for _ in range(steps):
+        X, y = rng.standard_normal((5, 3, 8, 8)), rng.integers(0, 4, 5)
+        out.append(step(X, y)[0])
+    return np.array(out), state.w.get_value()
+
+
+def test_cached_function_uses_the_callers_state_and_equals_a_fresh_compile(cache, monkeypatch):
+    net = M.DenseNet(7, 3, input_shape=(3, 8, 8), n_classes=4, batch_size=5)
+    losses1, w1 = _run(M.SGDState(net, net.init(0), lr=0.05, l2=1e-4), 3)
+    files = sorted(cache.glob("sgd_step-*.pkl"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    # a second state with other weights: served from the file, and it trains THIS state
+    losses2, w2 = _run(M.SGDState(net, net.init(1), lr=0.05, l2=1e-4), 3)
+    assert files[0].stat().st_mtime_ns == stamp and len(list(cache.glob("*.pkl"))) == 1
+    monkeypatch.setenv(fncache.ENV_SWITCH, "0")
+    losses_ref, w_ref = _run(M.SGDState(net, net.init(1), lr=0.05, l2=1e-4), 3)
+    assert np.array_equal(losses2, losses_ref) and np.array_equal(w2, w_ref)
+    assert not np.array_equal(w1, w2)
+
+
+def test_other_graph_other_key_and_a_corrupt_entry_is_recompiled(cache):
+    net = M.DenseNet(7, 3, input_shape=(3, 8, 8), n_classes=4, batch_size=5)
+    st = M.SGDState(net, net.init(0), lr=0.05)
+    M.compile_sgd_step(st, 0.9, nesterov=True)
+    M.compile_sgd_step(st, 0.9, nesterov=False)          # another graph
+    files = sorted(cache.glob("sgd_step-*.pkl"))
+    assert len(files) == 2
+    for f in files:
+        f.write_bytes(b"not a pickle")
+    _, w = _run(M.SGDState(net, net.init(0), lr=0.05), 1)     # nesterov=True: recompiled, stored again
+    assert np.all(np.isfinite(w))
+    sizes = sorted(f.stat().st_size for f in cache.glob("sgd_step-*.pkl"))
+    assert len(sizes) == 2 and sizes[0] == len(b"not a pickle") and sizes[1] > 10_000
