@@ -698,14 +698,14 @@ class OnlineRun:
         blocks = M.split(w, m.layout)
         logits, stats = m.forward(blocks, X, None)
         nll = M.cross_entropy(logits, y)
-        gb = T.grad(nll, blocks)
+        gb = M.grad(nll, blocks)
         g = M.flat(gb) + 2 * l2 * w
         hv = None
         if meth.hvp_of is not None:
             vec = S[meth.hvp_of]
             vb = M.split(vec, m.layout)
             gv = sum((gi * vi).sum() for gi, vi in zip(gb, vb))
-            hv = M.flat(T.grad(gv, blocks)) + 2 * l2 * vec
+            hv = M.flat(M.grad(gv, blocks)) + 2 * l2 * vec
         ins = [X, y]
         val_grad = None
         if meth.needs_val:
@@ -715,7 +715,7 @@ class OnlineRun:
             def val_grad(wv):
                 bv = M.split(wv, m.layout)
                 lv, _ = m.forward(bv, Xv, None)
-                return M.flat(T.grad(M.cross_entropy(lv, yv), bv))
+                return M.flat(M.grad(M.cross_entropy(lv, yv), bv))
         w_new, upd, mon = meth.build(Ctx(S, w, g, hv, val_grad))
         loss = nll + T.sum(l2 * T.sqr(w))
         n_err = T.neq(T.argmax(logits, axis=1), y).sum()

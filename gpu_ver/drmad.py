@@ -333,7 +333,7 @@ class DrMAD:
         vnll = M.cross_entropy(logits, y)
         n_err = T.neq(T.argmax(logits, axis=1), y).sum()
         self.f_val = theano.function([X, y, weight], [weight * vnll, n_err],
-                                     updates=[(self.dw, self.dw + weight * M.flat(T.grad(vnll, blocks)))],
+                                     updates=[(self.dw, self.dw + weight * M.flat(M.grad(vnll, blocks)))],
                                      name="drmad_val_grad")
         self._eval_graph = ([X, y], [vnll, n_err])
         self._f_eval = None

@@ -52,6 +52,7 @@ respect to ``w`` without a chain of ``inc_subtensor`` over the full vector.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -391,10 +392,22 @@ def _nll_and_blocks(model, w, X, y, with_logits=False):
     return out + (logits,) if with_logits else out
 
 
+def grad(cost, wrt):
+    """``T.grad`` with room for its recursion: Theano walks the graph recursively, and
+    the reverse-over-reverse graph of DenseNet-40 is deeper than Python's default
+    limit of 1,000 frames (Python 3.11 keeps these frames off the C stack)."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, 100_000))
+    try:
+        return T.grad(cost, wrt)
+    finally:
+        sys.setrecursionlimit(old)
+
+
 def symbolic_grad(model, w, X, y, l2):
     """(grad_w L, CE, batch_stats): grad_w L = grad_w CE + 2 l2 w, batch statistics in BN."""
     nll, blocks, stats = _nll_and_blocks(model, w, X, y)
-    g = flat(T.grad(nll, blocks)) + 2 * l2 * w
+    g = flat(grad(nll, blocks)) + 2 * l2 * w
     return g, nll, stats
 
 
@@ -406,10 +419,10 @@ def symbolic_grad_and_hvp(model, w, X, y, l2, v):
     2 w v is the mixed term (d grad_w L / d l2)^T v (diagonal).
     """
     nll, blocks, _ = _nll_and_blocks(model, w, X, y)
-    g = T.grad(nll, blocks)
+    g = grad(nll, blocks)
     vb = split(v, model.layout)
-    gv = sum((gi * vi).sum() for gi, vi in zip(g, vb))
-    hv = flat(T.grad(gv, blocks)) + 2 * l2 * v
+    gv = T.add(*[(gi * vi).sum() for gi, vi in zip(g, vb)])
+    hv = flat(grad(gv, blocks)) + 2 * l2 * v
     return flat(g) + 2 * l2 * w, nll, hv, 2 * w * v
 
 
@@ -565,7 +578,7 @@ def compile_sgd_step(state: SGDState, momentum=0.9, nesterov=True, bn_momentum=B
     X, y = m.input_var("X"), T.lvector("y")
     w, v, lr, l2 = state.w, state.v, state.lr, state.l2
     nll, blocks, stats, logits = _nll_and_blocks(m, w, X, y, with_logits=True)
-    g = flat(T.grad(nll, blocks)) + 2 * l2 * w
+    g = flat(grad(nll, blocks)) + 2 * l2 * w
     loss = nll + T.sum(l2 * T.sqr(w))
     v_new = momentum * v + g
     w_new = w - lr * (g + momentum * v_new) if nesterov else w - lr * v_new

@@ -52,6 +52,9 @@ def test_merge_flags_keeps_user_entries_and_applies_ours():
     assert "optimizer_excluding=fusion" in items
     assert "floatX=float64" in items and "floatX=float32" not in items
     assert not any(i.startswith("blas.ldflags") for i in items) and "blas__ldflags=" in items
+    # list-valued: the user's tags are kept beside ours
+    merged = config.merge_flags("optimizer_excluding=fusion", {"optimizer_excluding": "merge3"}).split(",")
+    assert merged == ["optimizer_excluding=fusion:merge3"]
 
 
 def test_resolve_env_and_errors(monkeypatch, tmp_path):
