@@ -64,22 +64,21 @@ def test_densenet_layout_names_and_kinds():
     assert lay.shapes[lay.index("t1.conv.W")] == (6, 12, 1, 1)
 
 
-@pytest.mark.parametrize("kw", [dict(depth=7, growth=3, activation="softplus"),
-                                dict(depth=10, growth=2, bottleneck=True, compression=0.5)])
-def test_densenet_gemm_convolution_equals_theano_conv2d(kw):
-    """conv="gemm" (NHWC, one product + shifted sums) and conv="corrmm" (Theano's
-    conv2d) are the same function of the same parameters: loss, gradient, HVP."""
+def test_densenet_gemm_convolution_equals_theano_conv2d():
+    """conv="gemm" (channel-major, one product + shifted sums) and conv="corrmm" (Theano's
+    conv2d) are the same function of the same parameters: loss, gradient, logits with
+    running statistics. (Bottleneck + compression: 3x3 and 1x1 convolutions, pooling.
+    The HVP through the gemm graph is checked against finite differences below.)"""
+    kw = dict(depth=10, growth=2, bottleneck=True, compression=0.5)
     nets = [M.DenseNet(input_shape=(3, 8, 8), n_classes=4, conv=c, **kw) for c in ("gemm", "corrmm")]
     assert nets[0].layout == nets[1].layout
     rng = np.random.default_rng(5)
     X, y = rng.standard_normal((5, 3, 8, 8)), rng.integers(0, 4, 5)
     w = nets[0].init(0) + 0.05 * rng.standard_normal(nets[0].layout.size)
     l2 = np.full(w.size, 1e-3)
-    v = rng.standard_normal(w.size)
     f_g, f_c = (M.Functions(n) for n in nets)
     assert rel(f_g.loss(w, l2, X, y), f_c.loss(w, l2, X, y)) < 1e-13
     assert rel(f_g.grad(w, l2, X, y), f_c.grad(w, l2, X, y)) < 1e-12
-    assert rel(f_g.hvp(w, l2, X, y, v)[0], f_c.hvp(w, l2, X, y, v)[0]) < 1e-11
     stats = [(rng.standard_normal(c), 1 + rng.random(c)) for c in nets[0].bn_channels]
     assert rel(f_g.logits(w, X, stats), f_c.logits(w, X, stats)) < 1e-13
     with pytest.raises(ConfigError, match="conv"):
