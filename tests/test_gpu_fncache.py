@@ -21,9 +21,10 @@ def cache(tmp_path, monkeypatch):
 def _run(state, steps, seed=0):
     rng = np.random.default_rng(seed)
     step = M.compile_sgd_step(state, 0.9, nesterov=True)
+    shape = (5, *state.model.input_shape)
     out = []
     for _ in range(steps):
-        X, y = rng.standard_normal((5, 3, 8, 8)), rng.integers(0, 4, 5)
+        X, y = rng.standard_normal(shape), rng.integers(0, 4, 5)
         out.append(step(X, y)[0])
     return np.array(out), state.w.get_value()
 
@@ -44,7 +45,7 @@ def test_cached_function_uses_the_callers_state_and_equals_a_fresh_compile(cache
 
 
 def test_other_graph_other_key_and_a_corrupt_entry_is_recompiled(cache):
-    net = M.DenseNet(7, 3, input_shape=(3, 8, 8), n_classes=4, batch_size=5)
+    net = M.MLP((6, 5, 4), "tanh")
     st = M.SGDState(net, net.init(0), lr=0.05)
     M.compile_sgd_step(st, 0.9, nesterov=True)
     M.compile_sgd_step(st, 0.9, nesterov=False)          # another graph
