@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv (scripts/setup.sh) and run the test suite (slow cases excluded; add -m slow for them).
+# Set up .venv (scripts/setup.sh) and run the test suite (slow cases excluded; add -m slow for them),
+# one pytest-xdist worker per core (at most 4), each test file on one worker (its fixtures built once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile "$@"

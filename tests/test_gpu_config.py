@@ -54,7 +54,7 @@ def test_merge_flags_keeps_user_entries_and_applies_ours():
     assert not any(i.startswith("blas.ldflags") for i in items) and "blas__ldflags=" in items
     # list-valued: the user's tags are kept beside ours
     merged = config.merge_flags("optimizer_excluding=fusion", {"optimizer_excluding": "merge3"}).split(",")
-    assert merged == ["optimizer_excluding=fusion:merge3"]
+    assert merged == ["optimizer_excluding=merge3:fusion"]
 
 
 def test_resolve_env_and_errors(monkeypatch, tmp_path):
@@ -76,3 +76,10 @@ def test_load_is_idempotent_and_refuses_other_settings():
     with pytest.raises(ConfigError, match="already imported"):
         config.load(floatX="float32")
     assert "blas__ldflags" in os.environ["THEANO_FLAGS"]
+
+
+def test_merge_flags_puts_users_gcc_flags_after_ours():
+    """gcc takes the last -g option: ours (-g0) first, so a user's -g still wins."""
+    merged = config.merge_flags("gcc__cxxflags=-g -I/x", {"gcc__cxxflags": "-g0"}).split(",")
+    assert merged == ["gcc__cxxflags=-g0 -g -I/x"]
+    assert config.merge_flags("", {"gcc__cxxflags": "-g0"}) == "gcc__cxxflags=-g0"
