@@ -704,8 +704,7 @@ class OnlineRun:
         if meth.hvp_of is not None:
             vec = S[meth.hvp_of]
             vb = M.split(vec, m.layout)
-            gv = sum((gi * vi).sum() for gi, vi in zip(gb, vb))
-            hv = M.flat(M.grad(gv, blocks)) + 2 * l2 * vec
+            hv = M.flat(M.grad(M.block_dot(gb, vb), blocks)) + 2 * l2 * vec
         ins = [X, y]
         val_grad = None
         if meth.needs_val:

@@ -35,7 +35,9 @@ Settings, by precedence (option > environment > default):
   is 40 % of gcc's time per module, 1.82 s -> 1.06 s on a 35 kB module, and nobody
   steps through generated Theano code). A user's own gcc__cxxflags follow ours.
 
-``load`` also registers our graph rewrites (``gpu_ver/rewrites.py``).
+``load`` also registers our graph rewrites (``gpu_ver/rewrites.py``) and, on the
+cpu device, a precompiled header of the includes every C module starts with
+(``gpu_ver/pch.py``; ``HPO_PCH=0`` turns it off).
 
 Entries of a user's ``THEANO_FLAGS`` that we do not set are kept; for the
 keys above ours win (a user changes them through the ``HPO_*`` variables).
@@ -212,8 +214,9 @@ def load(device=None, floatX=None):
     import theano  # noqa: PLC0415 (must follow the flags)
     _cache_ops_without_props()
     _finish_gpu_init(theano)
-    from gpu_ver import rewrites  # noqa: PLC0415 (needs Theano imported)
+    from gpu_ver import pch, rewrites  # noqa: PLC0415 (need Theano imported)
     rewrites.register(theano)
+    pch.install(theano)
     return theano
 
 
@@ -351,6 +354,7 @@ def info() -> dict:
         "blas_ldflags": str(cfg.blas__ldflags),
         "blas": "numpy C-API fallback" if blas_fallback else "linked BLAS",
         "compiler": str(cfg.cxx),
+        "gcc_cxxflags": str(cfg.gcc__cxxflags),
         "openmp": bool(cfg.openmp),
         "optimizer": str(cfg.optimizer),
         "base_compiledir": str(cfg.base_compiledir),
