@@ -245,7 +245,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--conv", default="gemm", choices=("gemm", "corrmm"),
-                   help="DenseNet convolution: gemm (default: NHWC, one product per layer) or corrmm "
+                   help="DenseNet convolution: gemm (default: channel-major, one product per layer) or corrmm "
                         "(Theano's conv2d)")
     p.add_argument("--openmp", action="store_true", help="Theano openmp=True (CorrMM parallel over the batch)")
     p.add_argument("--dynamic-batch", dest="static_batch", action="store_false",
