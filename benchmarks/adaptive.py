@@ -20,6 +20,10 @@ Parts (default: all):
             full training-split cross-entropy every 10 steps. Reports
             ``steps_to_sgd_final_fraction``: the first logged step where SGD-HD's
             loss <= plain SGD's final loss, over the number of steps (target <= 1/3).
+--update-costs  The update that follows each gradient (caches as a training loop
+            leaves them), median ms: plain SGD's ``w - lr g``, IDBD's, and IDBD's
+            memory floor (its kernel's array traffic with e^x replaced by 1 + x),
+            with the overhead each implies over the same gradient.
 --idbd      IDBD on random-walk tracking with known optimal step (Kalman gain);
             writes idbd_tracking.png beside --json (or in the current folder).
 
@@ -119,6 +123,68 @@ def overhead(rounds=8, block=10, sizes=(784, 1000, 1000, 10), batch=128, seed=0,
         "config": {"sizes": list(sizes), "batch": batch, "rounds": rounds, "block": block,
                    "n_params": model.layout.size, "methods": {k: OVERHEAD_METHODS[k] for k in names[1:]}},
     }
+
+
+# ---------------------------------------------------------------------------
+# Where IDBD's overhead goes: the update after a gradient, and its memory floor
+
+def _floor_kernel():
+    import numba
+
+    @numba.njit(nogil=True)
+    def floor(g, h, b, w, theta, w_new, b_new, h_new):
+        """IDBD's kernel's array traffic (read g, h, b, w; write three new arrays, in
+        blocks of 2,048) with e^x replaced by 1 + x: what the update costs at least."""
+        n = g.shape[0]
+        for lo in range(0, n, 2048):
+            hi = min(n, lo + 2048)
+            for i in range(lo, hi):
+                b_new[i] = b[i] - theta * (g[i] * h[i])
+            for i in range(lo, hi):
+                w_new[i] = w[i] - (1.0 + b_new[i]) * g[i]
+            for i in range(lo, hi):
+                h_new[i] = h[i] - (1.0 + b_new[i]) * g[i]
+    return floor
+
+
+def update_costs(rounds=12, steps=8, sizes=(784, 1000, 1000, 10), batch=128, seed=0):
+    """Median time of the update that follows each gradient (caches as a training loop
+    leaves them) for plain SGD, IDBD (``adaptive.idbd``) and IDBD's memory floor, with the
+    overhead ratio each implies: (gradient + update) / (gradient + SGD's update)."""
+    model = MLP(sizes, "tanh")
+    ds = _mnist_data(seed) if sizes[0] == 784 else None
+    rng = np.random.default_rng(seed)
+    X = ds.train.X[:4 * batch] if ds is not None else rng.random((4 * batch, sizes[0]))
+    y = ds.train.y[:4 * batch] if ds is not None else rng.integers(0, sizes[-1], 4 * batch)
+    w = model.init(seed)
+    floor = _floor_kernel()
+    idbd = ad.make_method("idbd", model.layout, lr=1e-3, theta=1e-2, trace_decay=1.0)
+    state = {"idbd": idbd.init(w), "floor": (np.full(w.size, np.log(1e-3)), np.zeros(w.size))}
+    times = {k: [] for k in ("grad", "sgd", "idbd", "floor")}
+    for r in range(rounds):
+        for k in ("sgd", "idbd", "floor"):
+            for t in range(steps):
+                i = slice((t % 4) * batch, (t % 4 + 1) * batch)
+                t0 = time.perf_counter()
+                g = model.grad(w, 0.0, X[i], y[i])
+                t1 = time.perf_counter()
+                if k == "sgd":
+                    w_new = w - 1e-3 * g
+                elif k == "idbd":
+                    w_new, state[k] = idbd.update(ad.GradInfo(g, None, None), state[k], w)
+                else:
+                    b, h = state[k]
+                    w_new, b_new, h_new = np.empty_like(w), np.empty_like(w), np.empty_like(w)
+                    floor(g, h, b, w, 1e-2, w_new, b_new, h_new)
+                    state[k] = (b_new, h_new)
+                t2 = time.perf_counter()
+                del w_new               # every chain trains from the same w: same gradient cost
+                if r > 0:               # round 0: compiles, first allocations
+                    times["grad"].append(t1 - t0)
+                    times[k].append(t2 - t1)
+    ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    implied = {k: (ms["grad"] + ms[k]) / (ms["grad"] + ms["sgd"]) for k in ("idbd", "floor")}
+    return {"median_ms": ms, "implied_overhead": implied, "rounds": rounds, "steps": steps}
 
 
 # ---------------------------------------------------------------------------
@@ -226,9 +292,12 @@ def main(argv=None):
     p.add_argument("--overhead", action="store_true")
     p.add_argument("--hd-mnist", action="store_true")
     p.add_argument("--idbd", action="store_true")
+    p.add_argument("--update-costs", action="store_true",
+                   help="IDBD's update after a gradient vs plain SGD's, and its memory floor")
     p.add_argument("--rounds", type=int, default=None)
     args = p.parse_args(argv)
-    parts = [k for k in ("overhead", "hd_mnist", "idbd") if getattr(args, k)] or ["overhead", "hd_mnist", "idbd"]
+    parts = ([k for k in ("overhead", "update_costs", "hd_mnist", "idbd") if getattr(args, k)]
+             or ["overhead", "update_costs", "hd_mnist", "idbd"])
     out = {"quick": args.quick}
     t_all = time.perf_counter()
     if "overhead" in parts:
@@ -243,6 +312,14 @@ def main(argv=None):
             print(f"{k:<16}{v:>12.3f}{f'{lo:.3f}-{hi:.3f}':>16}{(f'{tgt:.2f}' if tgt else '-'):>9}"
                   + ("" if tgt is None else ("  ok" if v <= tgt else "  OVER")))
         print(f"plain SGD step {1e3 * r['step_time_s']['sgd']:.1f} ms")
+    if "update_costs" in parts:
+        print("update-costs: the update after each gradient, MLP 784-1000-1000-10, batch 128")
+        r = update_costs(rounds=3 if args.quick else 12)
+        out["update_costs"] = r
+        m, imp = r["median_ms"], r["implied_overhead"]
+        print(f"  gradient {m['grad']:.1f} ms; update: SGD {m['sgd']:.1f} ms, IDBD {m['idbd']:.1f} ms, "
+              f"IDBD's memory floor (no e^x) {m['floor']:.1f} ms")
+        print(f"  implied overhead: IDBD {imp['idbd']:.3f}, floor {imp['floor']:.3f}")
     if "hd_mnist" in parts:
         print("hd-mnist: logistic regression, alpha0 1e-3, beta 1e-3, batch 128")
         r = hd_mnist(seeds=(0,) if args.quick else (0, 1, 2), steps=1500 if args.quick else 4690)
