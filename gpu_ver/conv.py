@@ -85,13 +85,31 @@ def _shift_stack_kernel(d, k, s):
     return s
 
 
-class ShiftSum(Op):
-    """(2): z (k*k, c, n, H, W) -> out (c, n, H, W). Linear; gradient ``ShiftStack``."""
+class _ShiftOp(Op):
+    """A linear map of filter size k whose gradient is its adjoint ``_adjoint()(k)``."""
 
     __props__ = ("k",)
 
     def __init__(self, k):
         self.k = int(k)
+
+    @staticmethod
+    def _adjoint():
+        raise NotImplementedError
+
+    def grad(self, inputs, output_grads):
+        return [self._adjoint()(self.k)(output_grads[0])]
+
+    def R_op(self, inputs, eval_points):
+        return [None if eval_points[0] is None else self(eval_points[0])]
+
+
+class ShiftSum(_ShiftOp):
+    """(2): z (k*k, c, n, H, W) -> out (c, n, H, W). Linear; gradient ``ShiftStack``."""
+
+    @staticmethod
+    def _adjoint():
+        return ShiftStack
 
     def make_node(self, z):
         z = T.as_tensor_variable(z)
@@ -112,20 +130,13 @@ class ShiftSum(Op):
     def infer_shape(self, fgraph, node, shapes):
         return [tuple(shapes[0][1:])]
 
-    def grad(self, inputs, output_grads):
-        return [ShiftStack(self.k)(output_grads[0])]
 
-    def R_op(self, inputs, eval_points):
-        return [None if eval_points[0] is None else self(eval_points[0])]
-
-
-class ShiftStack(Op):
+class ShiftStack(_ShiftOp):
     """(3): d (c, n, H, W) -> s (k*k, c, n, H, W), the adjoint of ``ShiftSum``."""
 
-    __props__ = ("k",)
-
-    def __init__(self, k):
-        self.k = int(k)
+    @staticmethod
+    def _adjoint():
+        return ShiftSum
 
     def make_node(self, d):
         d = T.as_tensor_variable(d)
@@ -143,12 +154,6 @@ class ShiftStack(Op):
 
     def infer_shape(self, fgraph, node, shapes):
         return [(self.k * self.k, *shapes[0])]
-
-    def grad(self, inputs, output_grads):
-        return [ShiftSum(self.k)(output_grads[0])]
-
-    def R_op(self, inputs, eval_points):
-        return [None if eval_points[0] is None else self(eval_points[0])]
 
 
 def _shift_sum_subtensors(z, k, H, W):

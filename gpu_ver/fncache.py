@@ -25,13 +25,13 @@ import logging
 import os
 import pickle
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from gpu_ver import config
+from shared.records import write_bytes_atomic
 
 theano = config.load()
 from theano.compile.sharedvalue import SharedVariable  # noqa: E402
@@ -153,12 +153,7 @@ def function(inputs, outputs, updates=(), name=None):
             _log.warning("function cache: cannot load %s (%s); recompiling", path, e)
     f = compile_()
     try:
-        data = _in_big_stack(lambda: pickle.dumps(f, protocol=pickle.HIGHEST_PROTOCOL))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, _in_big_stack(lambda: pickle.dumps(f, protocol=pickle.HIGHEST_PROTOCOL)))
     except Exception as e:  # noqa: BLE001 (the cache is an optimisation)
         _log.warning("function cache: cannot store %s (%s)", path, e)
     return f

@@ -32,6 +32,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from shared.records import write_text_atomic
+
 ENV_SWITCH = "HPO_PCH"
 HEADERS = ("<Python.h>", "<iostream>", '"theano_mod_helper.h"', "<math.h>",
            "<numpy/arrayobject.h>", "<numpy/arrayscalars.h>")
@@ -58,13 +60,6 @@ def pch_key(cxx: str, args, include_dirs) -> str:
     return h.hexdigest()[:20]
 
 
-def _write_atomic(path: Path, data: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def build(root, cxx: str, args, include_dirs):
     """Path of ``hpo_pch.h`` (with its ``.gch`` beside it) under ``root``, built if absent;
     None if gcc fails (the reason is logged; modules then compile without it)."""
@@ -86,7 +81,7 @@ def build(root, cxx: str, args, include_dirs):
             return None
         os.chmod(tmp_gch, 0o644)
         os.replace(tmp_gch, gch)
-        _write_atomic(header, header_text())
+        write_text_atomic(header, header_text())
         return header
     finally:
         for p in (src, Path(tmp_gch)):
