@@ -99,50 +99,53 @@ def exp_array(x, out):
     return out
 
 
-_BLOCK = 2048   # elements per block: the block's e^x buffer stays in L1
-
-# The helpers below are separate compiled functions, not inlined into the kernels at
-# numba's level: inlined, the two IDBD kernels took 38 s and 41 s to compile (LLVM on
-# four copies of the vectorised exp loop); separate, 6 s and 2 s, same speed per step.
-
-
-@numba.njit(nogil=True, fastmath={"contract"})
-def _exp_block(src, dst):
-    for j in range(src.shape[0]):
-        dst[j] = vexp(src[j])
+# LLVM's loop vectoriser proves that a loop's arrays do not overlap by run-time
+# checks, and gives up when more than 8 are needed (its default): an update that
+# reads four arrays and writes three needs 15 (each written array against every
+# other array), so the one-pass loops below would run one element at a time.
+# Raised here, once per process, before any kernel of this module is compiled. It
+# changes which loops LLVM vectorises (behind checks that fall back to the scalar
+# loop when arrays overlap), never what a loop computes.
+_RUNTIME_CHECKS = 32
 
 
-@numba.njit(nogil=True, fastmath={"contract"})
-def _idbd_block(g, h, b, w, d, theta, decay, clip, w_new, b_new, h_new, lo, hi, has_d):
-    """Elements [lo, hi): the cheap arithmetic in plain loops, e^x in its own
-    loop over a small buffer and one output array per loop (a loop that reads and
-    writes more arrays is not vectorised: the compiler's aliasing checks give up). Returns the number
-    of non-finite g h."""
-    bad = 0
-    for i in range(lo, hi):
-        x = min(max(g[i] * h[i], -clip), clip)
-        bad += not (x - x == 0.0)
-        b_new[i] = b[i] - theta * x
-    a = np.empty(hi - lo)
-    _exp_block(b_new[lo:hi], a)
-    for i in range(lo, hi):
-        w_new[i] = w[i] - a[i - lo] * g[i]
-    if has_d:
-        for i in range(lo, hi):
-            h_new[i] = decay * h[i] * max(0.0, 1.0 - a[i - lo] * d[i]) - a[i - lo] * g[i]
-    else:
-        for i in range(lo, hi):
-            h_new[i] = decay * h[i] - a[i - lo] * g[i]
-    return bad
+def _allow_runtime_checks(n):
+    """Process-wide LLVM option ``-runtime-memory-check-threshold=n`` (numba's LLVM)."""
+    import llvmlite.binding as llvm
+
+    llvm.set_option("", f"-runtime-memory-check-threshold={n}")
 
 
-@numba.njit(nogil=True)
-def _idbd_blocks(g, h, b, w, d, theta, decay, clip, w_new, b_new, h_new, has_d):
-    n = g.shape[0]
-    bad = 0
-    for lo in range(0, n, _BLOCK):
-        bad += _idbd_block(g, h, b, w, d, theta, decay, clip, w_new, b_new, h_new, lo, min(n, lo + _BLOCK), has_d)
-    return bad
+_allow_runtime_checks(_RUNTIME_CHECKS)
+
+
+def _make_idbd_pass(with_d):
+    """The kernels' loop over flat arrays: one vectorised pass, every array streamed
+    once and e^x computed while the next elements load; returns the number of
+    non-finite g h. ``with_d`` (a constant of the compiled loop) adds the trace's
+    curvature factor max(0, 1 - a d)."""
+
+    @numba.njit(nogil=True, fastmath={"contract"})
+    def idbd_pass(g, h, b, w, d, theta, decay, clip, w_new, b_new, h_new):
+        bad = 0
+        for i in range(g.shape[0]):
+            x = min(max(g[i] * h[i], -clip), clip)
+            bad += not (x - x == 0.0)
+            bi = b[i] - theta * x
+            b_new[i] = bi
+            a = vexp(bi)
+            w_new[i] = w[i] - a * g[i]
+            hv = decay * h[i]
+            if with_d:
+                hv *= max(0.0, 1.0 - a * d[i])
+            h_new[i] = hv - a * g[i]
+        return bad
+
+    return idbd_pass
+
+
+_idbd_pass = _make_idbd_pass(False)
+_idbd_diag_pass = _make_idbd_pass(True)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -160,11 +163,11 @@ def idbd_kernel(g, h, b, w, theta, decay, clip, w_new, b_new, h_new):
     the BLAS threads that are still spinning after the gradient (measured: no
     gain per training step on two cores).
     """
-    return _idbd_blocks(g, h, b, w, g, theta, decay, clip, w_new, b_new, h_new, False)
+    return _idbd_pass(g, h, b, w, g, theta, decay, clip, w_new, b_new, h_new)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"})
 def idbd_diag_kernel(g, h, b, w, d, theta, decay, clip, w_new, b_new, h_new):
     """``idbd_kernel`` with a known Hessian diagonal d (Sutton's linear unit: d = x^2):
     h' = decay h max(0, 1 - a d) - a g."""
-    return _idbd_blocks(g, h, b, w, d, theta, decay, clip, w_new, b_new, h_new, True)
+    return _idbd_diag_pass(g, h, b, w, d, theta, decay, clip, w_new, b_new, h_new)

@@ -39,7 +39,7 @@ def _reference(g, h, b, w, theta, decay, clip, d=None):
                                                (1e-4, 0.0, True)])
 def test_idbd_kernel_matches_numpy(clip, decay, with_d):
     rng = np.random.default_rng(1)
-    n = 5 * K._BLOCK + 17                              # several blocks and a ragged end
+    n = 10_257                                         # a ragged end after the vector loop
     g, h, w = rng.standard_normal(n), rng.standard_normal(n) * 1e-2, rng.standard_normal(n)
     b = rng.uniform(-8.0, 0.5, n)
     d = rng.random(n) if with_d else None
@@ -64,3 +64,18 @@ def test_idbd_kernel_counts_nonfinite_and_update_names_the_step():
     w, st = m.update(ad.GradInfo(np.ones(n), None, None), st, np.zeros(n))   # step 0: h = 0, fine
     with pytest.raises(NonFiniteError, match="step 1"):
         m.update(ad.GradInfo(g, None, None), st, w)
+
+
+def test_idbd_pass_is_vectorised():
+    """The one-pass loop is only fast when LLVM vectorises it, which needs the raised
+    run-time check threshold (``online_kernels._allow_runtime_checks``)."""
+    import re
+
+    import llvmlite.binding as llvm
+
+    if not llvm.get_host_cpu_features().get("avx2"):
+        pytest.skip("no AVX2 on this CPU: nothing to look for in the machine code")
+    a = [np.ones(64) for _ in range(8)]
+    K._idbd_pass(a[0], a[1], a[2], a[3], a[0], 0.1, 1.0, np.inf, a[4], a[5], a[6])
+    asm = K._idbd_pass.inspect_asm(K._idbd_pass.signatures[0])
+    assert re.search(r"vfn?m(add|sub)\w*pd\s[^\n]*ymm", asm), "IDBD's pass was not vectorised"
