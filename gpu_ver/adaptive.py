@@ -73,6 +73,7 @@ theano = config.load()
 T = theano.tensor
 from theano.ifelse import ifelse  # noqa: E402
 
+from gpu_ver import fncache  # noqa: E402
 from gpu_ver import models as M  # noqa: E402
 
 BN_MOMENTUM = M.BN_MOMENTUM
@@ -729,7 +730,7 @@ class OnlineRun:
         outs = [loss, nll, n_err] + list(mon.values())
         if "n_projected" in upd:
             outs.append(upd["n_projected"])
-        fn = theano.function(ins, outs, updates=updates, name=f"{name}_step", mode=self.mode)
+        fn = fncache.function(ins, outs, updates=updates, name=f"{name}_step", mode=self.mode)
         return fn, list(mon)
 
     # host API ----------------------------------------------------------------------

@@ -73,7 +73,8 @@ from shared.hyperparams import HyperParams, standard
 
 theano = config.load()
 T = theano.tensor
-from gpu_ver import models as M  # noqa: E402 (after config.load)
+from gpu_ver import fncache  # noqa: E402 (after config.load)
+from gpu_ver import models as M  # noqa: E402
 
 GRIDS = ("t/T", "cumlr")
 VELOCITIES = ("reconstruct", "ignore")
@@ -321,28 +322,28 @@ class DrMAD:
         v_new = gamma * self.v - (1 - gamma) * g
         w_new = self.w + alpha * v_new
         loss = nll + T.sum(self.l2 * T.sqr(self.w))
-        self.f_step = theano.function([X, y, t], [loss, T.abs_(w_new).sum()],
-                                      updates=[(self.v, v_new), (self.w, w_new)], name="drmad_forward_step",
-                                      on_unused_input="ignore")     # t is unused with scalar schedules
-        self.f_store = theano.function([ka], [], updates=[(self.S, T.set_subtensor(self.S[ka], self.w))],
-                                       name="drmad_store")
+        self.f_step = fncache.function([X, y, t], [loss, T.abs_(w_new).sum()],
+                                       updates=[(self.v, v_new), (self.w, w_new)], name="drmad_forward_step",
+                                       on_unused_input="ignore")     # t is unused with scalar schedules
+        self.f_store = fncache.function([ka], [], updates=[(self.S, T.set_subtensor(self.S[ka], self.w))],
+                                        name="drmad_store")
 
         # validation gradient (accumulated over chunks) and evaluation at w
         blocks = M.split(self.w, lay)
         logits, _ = model.forward(blocks, X, None)
         vnll = M.cross_entropy(logits, y)
         n_err = T.neq(T.argmax(logits, axis=1), y).sum()
-        self.f_val = theano.function([X, y, weight], [weight * vnll, n_err],
-                                     updates=[(self.dw, self.dw + weight * M.flat(M.grad(vnll, blocks)))],
-                                     name="drmad_val_grad")
+        self.f_val = fncache.function([X, y, weight], [weight * vnll, n_err],
+                                      updates=[(self.dw, self.dw + weight * M.flat(M.grad(vnll, blocks)))],
+                                      name="drmad_val_grad")
         self._eval_graph = ([X, y], [vnll, n_err])
         self._f_eval = None
 
         # start of the reverse pass: zero the adjoints, w(T) = w_T, w(T-1) on the path
         zeros = [(a, T.zeros_like(a)) for a in (self.dw, self.dv, self.dl2, self.dlr, self.dmom)]
-        self.f_reset = theano.function([], [], updates=zeros, name="drmad_reset")
-        self.f_prime = theano.function([ka, beta], [], updates=[(self.w_next, self.w), (self.w_cur, interp(ka, beta))],
-                                       name="drmad_prime")
+        self.f_reset = fncache.function([], [], updates=zeros, name="drmad_reset")
+        self.f_prime = fncache.function([ka, beta], [], updates=[(self.w_next, self.w), (self.w_cur, interp(ka, beta))],
+                                        name="drmad_prime")
 
         # reverse step
         reconstruct = self.velocity == "reconstruct"
@@ -363,8 +364,8 @@ class DrMAD:
         dw_new = dw - hv
         updates += [(self.dl2, self.dl2 - mix), (self.dw, dw_new), (self.dv, gamma * dv1),
                     (self.w_next, self.w_cur), (self.w_cur, w_prev)]
-        self.f_reverse = theano.function([X, y, t, ka, beta], [nll_t, T.abs_(dw_new).sum()], updates=updates,
-                                         name="drmad_reverse_step", on_unused_input="ignore")
+        self.f_reverse = fncache.function([X, y, t, ka, beta], [nll_t, T.abs_(dw_new).sum()], updates=updates,
+                                          name="drmad_reverse_step", on_unused_input="ignore")
         self._fx = fx
 
     @property
@@ -372,7 +373,7 @@ class DrMAD:
         """(mean CE, n_errors) at ``w``: compiled on first use (only meta-loops evaluate)."""
         if self._f_eval is None:
             ins, outs = self._eval_graph
-            self._f_eval = theano.function(ins, outs, name="drmad_eval")
+            self._f_eval = fncache.function(ins, outs, name="drmad_eval")
         return self._f_eval
 
     # -- host helpers --------------------------------------------------------------------------

@@ -52,10 +52,11 @@ def _op_text(op) -> str:
     return f"{type(op).__module__}.{type(op).__qualname__}:{op!s}{extra}"
 
 
-def graph_key(inputs, outputs, updates) -> str:
-    """SHA-256 of everything that decides the optimised function (see the module docstring)."""
+def graph_key(inputs, outputs, updates, extra="") -> str:
+    """SHA-256 of everything that decides the optimised function (see the module docstring);
+    ``extra``: text of further compile arguments."""
     h = hashlib.sha256()
-    h.update(f"theano {theano.__version__}\n".encode())
+    h.update(f"theano {theano.__version__}\n{extra}\n".encode())
     for f in _FLAGS:
         h.update(f"{f}={getattr(theano.config, f, None)}\n".encode())
     here = Path(__file__).resolve().parent
@@ -129,17 +130,20 @@ def _shared_of(inputs, outputs, updates) -> list:
     return [v for v in graph_inputs(roots) if isinstance(v, SharedVariable)]
 
 
-def function(inputs, outputs, updates=(), name=None):
-    """``theano.function(inputs, outputs, updates=updates, name=name)``, through the cache."""
+def function(inputs, outputs, updates=(), name=None, on_unused_input=None, mode=None):
+    """``theano.function(inputs, outputs, updates=updates, name=name, on_unused_input=...,
+    mode=...)``, through the cache. A function compiled with an explicit ``mode`` (a
+    debugging or profiling mode) is not cached."""
     updates = list(updates)
-    compile_ = lambda: theano.function(inputs, outputs, updates=updates, name=name)  # noqa: E731
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    compile_ = lambda: theano.function(inputs, outputs, updates=updates, name=name,  # noqa: E731
+                                       on_unused_input=on_unused_input, mode=mode)
+    if os.environ.get(ENV_SWITCH, "1") == "0" or mode is not None:
         return compile_()
     shared = _shared_of(inputs, outputs, updates)
     names = [s.name for s in shared]
     if None in names or len(set(names)) != len(names):
         return compile_()
-    key = graph_key(list(inputs), list(outputs), updates)
+    key = graph_key(list(inputs), list(outputs), updates, extra=f"on_unused_input={on_unused_input}")
     path = cache_dir() / f"{name or 'fn'}-{key[:32]}.pkl"
     by_name = {s.name: s for s in shared}
     if path.exists():

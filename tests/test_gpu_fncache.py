@@ -57,3 +57,37 @@ def test_other_graph_other_key_and_a_corrupt_entry_is_recompiled(cache):
     assert np.all(np.isfinite(w))
     sizes = sorted(f.stat().st_size for f in cache.glob("sgd_step-*.pkl"))
     assert len(sizes) == 2 and sizes[0] == len(b"not a pickle") and sizes[1] > 10_000
+
+
+def test_online_run_and_drmad_through_the_cache_equal_fresh_compiles(cache, monkeypatch):
+    from gpu_ver import adaptive as ad  # noqa: PLC0415
+    from gpu_ver import crosscheck as CC  # noqa: PLC0415
+    from gpu_ver import drmad as D  # noqa: PLC0415
+
+    problem = ad.build_check_problem(0)
+    model = M.MLP(problem.sizes, problem.activation)
+    _, gp, hypers = CC.build(seed=0, T=4)
+
+    def online():
+        run = ad.OnlineRun(model, ad.make_method("idbd", model.layout, lr=0.3, theta=0.1), problem.w0)
+        losses = [run.step(*ad._b(problem, t))["loss"] for t in range(3)]
+        return losses, run.state()
+
+    def drmad():
+        r = D.DrMAD(gp, hypers, K=1).hypergradient(hypers)
+        return r.objective, r.grads
+
+    first = online(), drmad()
+    names = sorted(f.name.split("-")[0] for f in cache.glob("*.pkl"))
+    assert "idbd_step" in names and "drmad_reverse_step" in names and "drmad_forward_step" in names
+    stamps = {f: f.stat().st_mtime_ns for f in cache.glob("*.pkl")}
+    second = online(), drmad()                                # served from the files
+    assert {f: f.stat().st_mtime_ns for f in cache.glob("*.pkl")} == stamps
+    monkeypatch.setenv(fncache.ENV_SWITCH, "0")
+    fresh = online(), drmad()
+    for got in (first, second):
+        (losses, state), (obj, grads) = got
+        (losses_f, state_f), (obj_f, grads_f) = fresh
+        assert losses == losses_f and obj == obj_f
+        assert all(np.array_equal(state[k], state_f[k]) for k in state_f)
+        assert all(np.array_equal(grads[k], grads_f[k]) for k in grads_f)
