@@ -7,6 +7,8 @@ first call compiles and pickles it under ``<compiledir>/hpo-functions/``,
 later calls with the same graph unpickle it (Theano then links the stored
 graph without optimising it again, ``reoptimize_unpickled_function=False``)
 and swap in the caller's shared variables (``Function.copy(swap=...)``).
+Every function ``gpu_ver`` compiles goes through it (training, DrMAD, the
+online methods, ``models.Functions``).
 
 The key is a SHA-256 of the graph's structure (every op with its
 properties, every constant's bytes, the types and names of inputs and shared

@@ -481,7 +481,7 @@ class Functions:
                 ins, outs = [w, X], [logits]
             else:
                 raise KeyError(name)
-            self._fns[name] = theano.function(ins, outs, name=f"{type(m).__name__}.{name}")
+            self._fns[name] = fncache.function(ins, outs, name=f"{type(m).__name__}.{name}")
         return self._fns[name]
 
     def _c(self, a):
