@@ -783,6 +783,26 @@ class OnlineRun:
             var = self.S[k]
             var.set_value(np.asarray(a, var.dtype))
 
+    def get_arrays(self) -> dict:
+        """Everything ``step`` reads and writes, as stored (weights ``w``, method state
+        ``S.<name>``, BN running averages ``bn<i>.mean``/``bn<i>.var``): a checkpoint."""
+        out = {"w": self.w.get_value(), **{f"S.{k}": v.get_value() for k, v in self.S.items()}}
+        for rm, rv in self.bn:
+            out[rm.name], out[rv.name] = rm.get_value(), rv.get_value()
+        return out
+
+    def set_arrays(self, arrays: dict) -> None:
+        """Restore ``get_arrays``'s output (every entry must be present with its shape)."""
+        shared = [self.w, *self.S.values(), *(v for pair in self.bn for v in pair)]
+        keys = ["w", *(f"S.{k}" for k in self.S), *(v.name for pair in self.bn for v in pair)]
+        for key, var in zip(keys, shared):
+            if key not in arrays:
+                raise ConfigError(f"checkpoint has no array {key!r}")
+            a, cur = np.asarray(arrays[key]), var.get_value()
+            if a.shape != np.shape(cur):
+                raise ConfigError(f"checkpoint array {key!r} has shape {a.shape}, expected {np.shape(cur)}")
+            var.set_value(a.astype(np.asarray(cur).dtype))
+
     def reset(self) -> None:
         """Back to the initial state (weights kept as they are)."""
         self.set_state(**self._init)
@@ -1039,7 +1059,8 @@ def block_quantiles(layout: ParamLayout, values, quantiles=QUANTILES) -> list:
 
 
 def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_every=10, eval_train_n=None,
-                 record_hypers=True, progress=False, desc=None, eval_batch=500, w0=None):
+                 record_hypers=True, progress=False, desc=None, eval_batch=500, w0=None,
+                 checkpoint=None, checkpoint_every=0, identity=None, resume=None, stop_after=None):
     """Train ``model`` with ``method`` for ``steps`` minibatch steps; return (curves, run).
 
     ``data = (X, y, Xv, yv)``; batches as cpu_ver (``batch_indices(n, batch, seed, t)``; the
@@ -1047,10 +1068,20 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     ``steps``): training CE (first ``eval_train_n`` examples), validation CE and error (BN
     running averages), and per-block quantiles of learning rates and L2 strengths. Also
     records the mean training-batch loss per interval (``batch_loss``) and timings.
+
+    Checkpoints: with a ``checkpoint`` path, the run's arrays (``OnlineRun.get_arrays``),
+    the curves so far and ``identity`` (a dict naming the run) are written there
+    atomically every ``checkpoint_every`` steps (0: never in between), when the loop ends
+    and on KeyboardInterrupt. ``resume = (arrays, meta)`` from ``load_checkpoint``
+    continues from the step it holds; the curves and the state then equal an
+    uninterrupted run's bit for bit (minibatches are a function of (seed, t)).
+    ``stop_after``: stop once this many steps are done, as an interruption would.
+    The returned curves carry ``steps_done``.
     """
     import time
 
     from shared.datasets import batch_indices
+    from shared.records import save_checkpoint
 
     X, y, Xv, yv = data
     if method.needs_val and len(yv) == 0:
@@ -1059,6 +1090,8 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
         raise ConfigError(f"batch size must be in 1..{len(y)} (training examples), got {batch_size}")
     if steps < 1 or eval_every < 1:
         raise ConfigError("steps and eval_every must be >= 1")
+    if checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     layout = model.layout
     t0 = time.perf_counter()
     run = OnlineRun(model, method, model.init(seed) if w0 is None else w0)
@@ -1068,6 +1101,29 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     curves = {"step": [], "train_loss": [], "val_loss": [], "val_error": [], "batch_loss": []}
     hyp = {"lr_quantiles": [], "l2_quantiles": []}
     acc = []
+    start = 0
+    if resume is not None:
+        arrays, meta = resume
+        start = int(meta["step"])
+        if not 0 <= start <= steps:
+            raise ConfigError(f"checkpoint step {start} is outside 0..{steps}")
+        run.set_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("run/")})
+        for k in curves:
+            curves[k] = arrays[f"curve/{k}"].tolist()
+        if record_hypers:
+            for k in hyp:
+                hyp[k] = arrays[f"hyp/{k}"].tolist()
+        acc = arrays["acc"].tolist()
+
+    def save(step):
+        if checkpoint is None:
+            return
+        arrays = {f"run/{k}": v for k, v in run.get_arrays().items()}
+        arrays.update({f"curve/{k}": np.asarray(v, float) for k, v in curves.items()})
+        if record_hypers:
+            arrays.update({f"hyp/{k}": np.asarray(v, float) for k, v in hyp.items()})
+        arrays["acc"] = np.asarray(acc, float)
+        save_checkpoint(checkpoint, arrays, {**(identity or {}), "step": step})
 
     def record(t):
         tl, _ = run.evaluate(Xe, ye, eval_batch)
@@ -1084,29 +1140,49 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
             hyp["lr_quantiles"].append(block_quantiles(layout, method.lr_of(a)))
             hyp["l2_quantiles"].append(block_quantiles(layout, method.l2_of(a)))
 
+    def due(t):
+        return t == 0 or t % eval_every == 0 or t == steps
+
     t_eval = time.perf_counter()
-    record(0)
+    if due(start) and (not curves["step"] or curves["step"][-1] != start):
+        record(start)                    # also a record an interruption fell before
     eval_s = time.perf_counter() - t_eval
-    it = range(steps)
+    end = steps if stop_after is None else max(start, min(steps, int(stop_after)))
+    bar = None
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc=desc or method.name, leave=False)
-    step_s = 0.0
-    for t in it:
-        i = batch_indices(len(y), batch_size, seed, t)
-        vbatch = ()
-        if method.needs_val:
-            j = batch_indices(len(yv), vb, seed + 1, t)
-            vbatch = (Xv[j], yv[j])
-        ts = time.perf_counter()
-        acc.append(run.step(X[i], y[i], *vbatch)["loss"])
-        step_s += time.perf_counter() - ts
-        if (t + 1) % eval_every == 0 or t + 1 == steps:
-            te = time.perf_counter()
-            record(t + 1)
-            eval_s += time.perf_counter() - te
+        bar = tqdm(total=steps, initial=start, desc=desc or method.name, leave=False)
+    step_s, done = 0.0, start
+    try:
+        for t in range(start, end):
+            i = batch_indices(len(y), batch_size, seed, t)
+            vbatch = ()
+            if method.needs_val:
+                j = batch_indices(len(yv), vb, seed + 1, t)
+                vbatch = (Xv[j], yv[j])
+            ts = time.perf_counter()
+            loss = run.step(X[i], y[i], *vbatch)["loss"]
+            done = t + 1
+            acc.append(loss)
+            step_s += time.perf_counter() - ts
+            if due(done):
+                te = time.perf_counter()
+                record(done)
+                eval_s += time.perf_counter() - te
+            if bar is not None:
+                bar.update(1)
+            if checkpoint_every and done % checkpoint_every == 0 and done < end:
+                save(done)
+    except KeyboardInterrupt:
+        save(done)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    save(done)
     out = dict(curves)
     if record_hypers:
         out.update(hyp, blocks=list(layout.names), quantiles=list(QUANTILES))
-    out["timings"] = {"compile_s": compile_s, "step_s_mean": step_s / steps, "eval_s": eval_s}
+    out["steps_done"] = done
+    out["timings"] = {"compile_s": compile_s, "step_s_mean": step_s / max(done - start, 1), "eval_s": eval_s}
     return out, run

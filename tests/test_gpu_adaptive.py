@@ -236,3 +236,65 @@ def test_registers_in_gpu_ver_main(tmp_path, monkeypatch):
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["seed"] == 3 and saved["metrics"]["baseline"]["optimizer"] == "sgdn"
     assert saved["command"][:4] == ["python", "-m", "gpu_ver", "adaptive"]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and --resume
+
+def _mlp_args(out, *extra):
+    p = cli.add_adaptive_arguments(argparse.ArgumentParser())
+    return p.parse_args(["--out", str(out), "--model", "mlp", "--layers", "16", "--n-train", "200", "--n-val", "60",
+                         "--n-test", "60", "--steps", "12", "--batch", "20", "--eval-every", "5",
+                         "--eval-train-n", "100", "--method", "idbd", "--lr", "0.05", "--no-progress", *extra])
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "results.json").read_text())["metrics"]
+
+
+def test_adaptive_command_resumes_to_the_same_results(tmp_path, monkeypatch):
+    cli.run_adaptive(_mlp_args(tmp_path / "full"))
+    want = _metrics(tmp_path / "full")
+    assert want["step"] == [0, 5, 10, 12] and want["baseline"]["step"] == want["step"]
+
+    # stopped inside the adaptive run (checkpoints at 4 and at the stop), then inside the baseline
+    cut = tmp_path / "cut"
+    r = cli.run_adaptive(_mlp_args(cut, "--checkpoint-every", "4", "--stop-after", "7"))
+    assert (r["completed"], r["phase"], r["steps_done"]) == (False, "adaptive", 7)
+    assert not (cut / "results.json").exists() and not (cut / cli.CHECKPOINTS["baseline"]).exists()
+    r = cli.run_adaptive(_mlp_args(cut, "--resume", str(cut), "--stop-after", "17"))
+    assert (r["phase"], r["steps_done"]) == ("baseline", 5)
+    cli.run_adaptive(_mlp_args(cut, "--resume", str(cut / cli.CHECKPOINTS["adaptive"])))
+    assert _metrics(cut) == want
+
+    # interrupted (Ctrl-C) between a step and the record due after it: the checkpoint
+    # holds the step, and the resumed run makes the missing record first
+    calls = {"n": 0}
+    real_evaluate = ad.OnlineRun.evaluate
+
+    def evaluate(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:              # records: step 0 (train, val), then step 5 -> interrupt
+            raise KeyboardInterrupt
+        return real_evaluate(self, *a, **k)
+
+    monkeypatch.setattr(ad.OnlineRun, "evaluate", evaluate)
+    ctrl_c = tmp_path / "ctrl_c"
+    with pytest.raises(KeyboardInterrupt):
+        cli.run_adaptive(_mlp_args(ctrl_c))
+    monkeypatch.setattr(ad.OnlineRun, "evaluate", real_evaluate)
+    from shared.records import load_checkpoint  # noqa: PLC0415
+
+    arrays, meta = load_checkpoint(ctrl_c / cli.CHECKPOINTS["adaptive"])
+    assert meta["step"] == 5 and arrays["curve/step"].tolist() == [0.0]
+    cli.run_adaptive(_mlp_args(ctrl_c, "--resume", str(ctrl_c)))
+    assert _metrics(ctrl_c) == want
+
+    # refusals: another configuration, an occupied folder, nothing to resume
+    with pytest.raises(ConfigError, match="options"):
+        cli.run_adaptive(_mlp_args(cut, "--resume", str(cut), "--lr", "0.1"))
+    with pytest.raises(ConfigError, match="already holds"):
+        cli.run_adaptive(_mlp_args(cut))
+    with pytest.raises(ConfigError, match="no checkpoint-adaptive.npz"):
+        cli.run_adaptive(_mlp_args(tmp_path / "empty", "--resume", str(tmp_path / "empty")))
+    assert _metrics(cut) == want                                   # nothing overwritten
