@@ -225,7 +225,12 @@ def cmd_check(args):
 
 def cmd_adaptive(args):
     from cpu_ver.adaptive_cli import run_adaptive
-    run_adaptive(args)
+    try:
+        run_adaptive(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the checkpoint is in the run folder: continue with --resume <run folder>",
+              file=sys.stderr)
+        raise SystemExit(130)
 
 
 def parser() -> argparse.ArgumentParser:

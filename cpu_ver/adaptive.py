@@ -116,6 +116,7 @@ from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
     CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
     CheckProblem, OneStep, build_check_problem, fd_check, fd_directional)
 from shared.online import GRANULARITY_ALIASES as _GRANULARITY_ALIASES
+from shared.online import curve_arrays, record_due, restore_curves
 from shared.online import check_clip as _check_clip
 from shared.online import check_decay as _check_decay
 from shared.online import check_l2 as _check_l2
@@ -929,8 +930,51 @@ def block_quantiles(layout: ParamLayout, values, quantiles=QUANTILES) -> list:
     return [np.quantile(v[layout.slice(b)], quantiles).tolist() for b in range(layout.n_blocks)]
 
 
+def state_arrays(state, prefix="state") -> tuple:
+    """(arrays, structure): a method state (NamedTuples of arrays, numbers and None, nested)
+    as flat numeric arrays named ``<prefix>.<field>...`` plus a JSON structure for
+    ``state_from_arrays``; numbers are stored as 0-d arrays, so every value round-trips exactly."""
+    arrays = {}
+
+    def walk(x, key):
+        if x is None:
+            return None
+        if isinstance(x, tuple):
+            return {"type": type(x).__name__, "items": [walk(v, f"{key}.{i}") for i, v in enumerate(x)]}
+        arrays[key] = np.asarray(x)
+        return {"key": key, "scalar": type(x).__name__ if np.ndim(x) == 0 and not isinstance(x, np.ndarray)
+                else None}
+
+    return arrays, walk(state, prefix)
+
+
+_STATE_TYPES = {"tuple": tuple}
+
+
+def state_from_arrays(arrays, structure):
+    """Inverse of ``state_arrays``."""
+    types = {**_STATE_TYPES, **{c.__name__: c for c in (PlainState, HDState, AlmeidaState, IDBDState, SMDState,
+                                                         T1T2State, CombinedState)}}
+
+    def build(node):
+        if node is None:
+            return None
+        if "items" in node:
+            cls = types.get(node["type"])
+            if cls is None:
+                raise ConfigError(f"checkpoint state has an unknown part {node['type']!r}")
+            items = [build(v) for v in node["items"]]
+            return cls(items) if cls is tuple else cls(*items)
+        a = np.asarray(arrays[node["key"]])
+        return {"int": int, "float": float, "bool": bool}.get(node["scalar"], lambda v: v)(a[()] if a.ndim == 0
+                                                                                             else a)
+
+    return build(structure)
+
+
 def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_every=10,
-                 eval_train_n=None, record_hypers=True, progress=False, desc=None):
+                 eval_train_n=None, record_hypers=True, progress=False, desc=None,
+                 checkpoint=None, checkpoint_every=0, identity=None, resume=None, stop_after=None):
     """Train ``model`` with ``method`` for ``steps`` minibatch steps; return curves.
 
     ``data = (X, y, Xv, yv)``. Minibatch t is ``shared.datasets.batch_indices(n, batch_size,
@@ -941,14 +985,24 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     and L2 strengths. Raises NonFiniteError naming the step when the weights or a
     loss become non-finite, ConfigError for an empty validation split when the method
     needs one.
+
+    Checkpoints as ``gpu_ver.adaptive.train_online``: with a ``checkpoint`` path, the
+    weights, the method state (``state_arrays``), the curves so far and ``identity`` are
+    written atomically every ``checkpoint_every`` steps (0: never in between), when the
+    loop ends and on KeyboardInterrupt; ``resume = (arrays, meta)`` continues from the
+    step it holds to the same result as an uninterrupted run; ``stop_after`` stops once
+    that many steps are done. The curves carry ``steps_done``.
     """
     from shared.datasets import batch_indices
+    from shared.records import save_checkpoint
 
     X, y, Xv, yv = data
     if method.needs_val and len(yv) == 0:
         raise ConfigError(f"{method.name}: the validation split is empty; T1-T2 needs held-out data (--n-val)")
     if batch_size < 1 or batch_size > len(y):
         raise ConfigError(f"batch size must be in 1..{len(y)} (training examples), got {batch_size}")
+    if checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     layout = model.layout
     w = model.init(seed)
     state = method.init(w)
@@ -956,34 +1010,67 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     vb = min(batch_size, len(yv)) if len(yv) else 0
     curves = {"step": [], "train_loss": [], "val_loss": [], "val_error": []}
     hyp = {"lr_quantiles": [], "l2_quantiles": []}
+    start = 0
+    if resume is not None:
+        start = restore_curves(resume, steps, curves, hyp, record_hypers)
+        arrays, meta = resume
+        w = arrays["w"].copy()
+        state = state_from_arrays(arrays, meta["state"])
+
+    def save(step, w, state):
+        if checkpoint is None:
+            return
+        arrays, structure = state_arrays(state)
+        arrays.update(curve_arrays(curves, hyp, record_hypers), w=w)
+        save_checkpoint(checkpoint, arrays, {**(identity or {}), "step": step, "state": structure})
 
     def record(t, w, state):
+        """Evaluate first, then append everything (an interruption leaves no half record)."""
         tl = model.nll(w, Xe, ye)
         check_finite("training loss", tl, t)
-        curves["step"].append(t)
-        curves["train_loss"].append(tl)
-        curves["val_loss"].append(model.nll(w, Xv, yv) if len(yv) else float("nan"))
-        curves["val_error"].append(model.error(w, Xv, yv) if len(yv) else float("nan"))
+        row = {"step": t, "train_loss": tl, "val_loss": model.nll(w, Xv, yv) if len(yv) else float("nan"),
+               "val_error": model.error(w, Xv, yv) if len(yv) else float("nan")}
         if record_hypers:
-            hyp["lr_quantiles"].append(block_quantiles(layout, method.lr(state)))
-            hyp["l2_quantiles"].append(block_quantiles(layout, method.l2_values(state)))
+            row.update(lr_quantiles=block_quantiles(layout, method.lr(state)),
+                       l2_quantiles=block_quantiles(layout, method.l2_values(state)))
+        for k, v in row.items():
+            (curves if k in curves else hyp)[k].append(v)
 
-    record(0, w, state)
-    it = range(steps)
+    def due(t):
+        return record_due(t, eval_every, steps)
+
+    if due(start) and (not curves["step"] or curves["step"][-1] != start):
+        record(start, w, state)          # also a record an interruption fell before
+    end = steps if stop_after is None else max(start, min(steps, int(stop_after)))
+    bar = None
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc=desc or method.name, leave=False)
-    for t in it:
-        i = batch_indices(len(y), batch_size, seed, t)
-        vbatch = None
-        if method.needs_val:
-            j = batch_indices(len(yv), vb, seed + 1, t)
-            vbatch = (Xv[j], yv[j])
-        w, state = step(method, model, w, state, (X[i], y[i]), vbatch)
-        if (t + 1) % eval_every == 0 or t + 1 == steps:
-            _finite("weights", w, t)
-            record(t + 1, w, state)
-    out = dict(curves)
+        bar = tqdm(total=steps, initial=start, desc=desc or method.name, leave=False)
+    done = start
+    try:
+        for t in range(start, end):
+            i = batch_indices(len(y), batch_size, seed, t)
+            vbatch = None
+            if method.needs_val:
+                j = batch_indices(len(yv), vb, seed + 1, t)
+                vbatch = (Xv[j], yv[j])
+            w, state = step(method, model, w, state, (X[i], y[i]), vbatch)
+            done = t + 1
+            if due(done):
+                _finite("weights", w, t)
+                record(done, w, state)
+            if bar is not None:
+                bar.update(1)
+            if checkpoint_every and done % checkpoint_every == 0 and done < end:
+                save(done, w, state)
+    except KeyboardInterrupt:
+        save(done, w, state)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    save(done, w, state)
+    out = dict(curves, steps_done=done)
     if record_hypers:
         out.update(hyp, blocks=list(layout.names), quantiles=list(QUANTILES))
     return out, w, state

@@ -11,6 +11,12 @@ metrics: ``step``, ``train_loss`` (full training cross-entropy), ``val_loss``,
 x block x quantile, quantiles in ``quantiles``, blocks in ``blocks``);
 ``final_*``; ``test_error``; ``baseline`` (the plain optimiser's curves);
 ``n_projected`` (learning-rate projections that bit, additive HD only).
+
+Checkpoints: ``checkpoint-adaptive.npz`` and ``checkpoint-baseline.npz`` in the run
+folder (every ``--checkpoint-every`` steps, at the end of each run, on Ctrl-C);
+``--resume RUN_FOLDER`` continues there and gives the results of an uninterrupted
+run; ``--stop-after N`` stops after N steps (the adaptive run's, then the
+baseline's), as an interruption would.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ import numpy as np
 
 from cpu_ver import adaptive as ad
 from cpu_ver.models import MLP, parse_layers
-from shared.online import BASELINE_OF, method_kwargs
+from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, check_checkpoint_options,
+                           method_kwargs, resolve_run_dir, run_identity, stop_for_baseline)
 from shared.errors import ConfigError
 
 _DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -76,6 +83,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--eval-every", type=int, default=10, help="log curves every N steps (default 10)")
     a("--no-baseline", dest="baseline", action="store_false", help="skip the plain optimiser's run")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_checkpoint_arguments(a)
     return parser
 
 
@@ -131,7 +139,7 @@ def _plot(run_dir, res, base, method_name, base_name):
 
 def run_adaptive(args) -> dict:
     """Run ``args.method`` (and the plain baseline), write results.json and plots; return results."""
-    from shared.records import default_run_dir, make_run_dir, write_results
+    from shared.records import load_checkpoint, write_results
 
     timings = {}
     t0 = time.perf_counter()
@@ -143,13 +151,29 @@ def run_adaptive(args) -> dict:
     model.check_data(X, y, "training split")
     if args.steps < 1 or args.eval_every < 1:
         raise ConfigError("--steps and --eval-every must be >= 1")
+    check_checkpoint_options(args)
     method = ad.make_method(args.method, model.layout, **method_kwargs(args))
-    run_dir = make_run_dir(args.out or default_run_dir("adaptive"))
+    run_dir = resolve_run_dir(args)
+    identity = run_identity(args, "cpu_ver adaptive", layers=list(sizes), data=ds.describe())
+
+    def phase(name, meth, stop, **kw):
+        """One training run with its checkpoint (resumed when --resume finds it)."""
+        path = run_dir / CHECKPOINTS[name]
+        ident = {**identity, "phase": name}
+        resume = load_checkpoint(path, expect=ident) if args.resume and path.exists() else None
+        return ad.train_online(meth, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
+                               progress=args.progress, checkpoint=path, checkpoint_every=args.checkpoint_every,
+                               identity=ident, resume=resume, stop_after=stop, **kw)
+
+    def stopped(name, done):
+        print(f"{name}: stopped after {done} of {args.steps} steps; continue with --resume {run_dir}")
+        return {"run_dir": str(run_dir), "completed": False, "phase": name, "steps_done": done}
 
     t0 = time.perf_counter()
-    res, w, state = ad.train_online(method, model, (X, y, Xv, yv), args.steps, args.batch, args.seed,
-                                    args.eval_every, progress=args.progress, desc=args.method)
+    res, w, state = phase("adaptive", method, args.stop_after, desc=args.method)
     timings["train_s"] = time.perf_counter() - t0
+    if res["steps_done"] < args.steps:
+        return stopped("adaptive", res["steps_done"])
     metrics = dict(res)
     metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
                    final_val_error=res["val_error"][-1],
@@ -160,11 +184,15 @@ def run_adaptive(args) -> dict:
     base = None
     base_name = BASELINE_OF.get(args.method, "sgd")
     if args.baseline:
+        stop = stop_for_baseline(args.stop_after, args.steps)
+        if stop is not None and stop <= 0:
+            return stopped("baseline", 0)
         t0 = time.perf_counter()
-        base, wb, _ = ad.train_online(baseline_method(args, model.layout), model, (X, y, Xv, yv), args.steps,
-                                      args.batch, args.seed, args.eval_every, record_hypers=False,
-                                      progress=args.progress, desc=base_name)
+        base, wb, _ = phase("baseline", baseline_method(args, model.layout), stop, record_hypers=False,
+                            desc=base_name)
         timings["baseline_s"] = time.perf_counter() - t0
+        if base["steps_done"] < args.steps:
+            return stopped("baseline", base["steps_done"])
         metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
                                    final_val_loss=base["val_loss"][-1])
     t0 = time.perf_counter()

@@ -63,6 +63,7 @@ from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
     CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
     CheckProblem, OneStep, build_check_problem, fd_check, fd_directional)
 from shared.online import GRANULARITY_ALIASES as _GRANULARITY_ALIASES
+from shared.online import curve_arrays, record_due, restore_curves
 from shared.online import check_clip as _check_clip
 from shared.online import check_decay as _check_decay
 from shared.online import check_l2 as _check_l2
@@ -1103,45 +1104,35 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     acc = []
     start = 0
     if resume is not None:
-        arrays, meta = resume
-        start = int(meta["step"])
-        if not 0 <= start <= steps:
-            raise ConfigError(f"checkpoint step {start} is outside 0..{steps}")
+        start = restore_curves(resume, steps, curves, hyp, record_hypers)
+        arrays = resume[0]
         run.set_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("run/")})
-        for k in curves:
-            curves[k] = arrays[f"curve/{k}"].tolist()
-        if record_hypers:
-            for k in hyp:
-                hyp[k] = arrays[f"hyp/{k}"].tolist()
         acc = arrays["acc"].tolist()
 
     def save(step):
         if checkpoint is None:
             return
         arrays = {f"run/{k}": v for k, v in run.get_arrays().items()}
-        arrays.update({f"curve/{k}": np.asarray(v, float) for k, v in curves.items()})
-        if record_hypers:
-            arrays.update({f"hyp/{k}": np.asarray(v, float) for k, v in hyp.items()})
-        arrays["acc"] = np.asarray(acc, float)
+        arrays.update(curve_arrays(curves, hyp, record_hypers), acc=np.asarray(acc, float))
         save_checkpoint(checkpoint, arrays, {**(identity or {}), "step": step})
 
     def record(t):
+        """Evaluate first, then append everything (an interruption leaves no half record)."""
         tl, _ = run.evaluate(Xe, ye, eval_batch)
         check_finite("training loss", tl, t)
         vl, ve = run.evaluate(Xv, yv, eval_batch)
-        curves["step"].append(t)
-        curves["train_loss"].append(tl)
-        curves["val_loss"].append(vl)
-        curves["val_error"].append(ve)
-        curves["batch_loss"].append(float(np.mean(acc)) if acc else float("nan"))
-        acc.clear()
+        row = {"step": t, "train_loss": tl, "val_loss": vl, "val_error": ve,
+               "batch_loss": float(np.mean(acc)) if acc else float("nan")}
         if record_hypers:
             a = run.state()
-            hyp["lr_quantiles"].append(block_quantiles(layout, method.lr_of(a)))
-            hyp["l2_quantiles"].append(block_quantiles(layout, method.l2_of(a)))
+            row.update(lr_quantiles=block_quantiles(layout, method.lr_of(a)),
+                       l2_quantiles=block_quantiles(layout, method.l2_of(a)))
+        for k, v in row.items():
+            (curves if k in curves else hyp)[k].append(v)
+        acc.clear()
 
     def due(t):
-        return t == 0 or t % eval_every == 0 or t == steps
+        return record_due(t, eval_every, steps)
 
     t_eval = time.perf_counter()
     if due(start) and (not curves["step"] or curves["step"][-1] != start):

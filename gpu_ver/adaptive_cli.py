@@ -23,6 +23,12 @@ since the previous log) per logged step; ``lr_quantiles`` / ``l2_quantiles``
 Plots: ``curves.png``, ``hyperparameters.png`` (median and 10-90% band per
 layer over time), ``hyper_heatmap.png`` (log10 median per layer x time);
 skipped with a warning when matplotlib is missing.
+
+Checkpoints: ``checkpoint-adaptive.npz`` and ``checkpoint-baseline.npz`` in the run
+folder (every ``--checkpoint-every`` steps, at the end of each run, on Ctrl-C);
+``--resume RUN_FOLDER`` continues there and gives the results of an uninterrupted
+run; ``--stop-after N`` stops after N steps (the adaptive run's, then the
+baseline's), as an interruption would.
 """
 from __future__ import annotations
 
@@ -34,7 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.online import BASELINE_OF, GRANULARITIES, METHOD_NAMES, method_kwargs
+from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_checkpoint_arguments,
+                           check_checkpoint_options, method_kwargs, resolve_run_dir, run_identity,
+                           stop_for_baseline)
 from shared.errors import ConfigError
 
 
@@ -96,48 +104,8 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--eval-batch", type=int, default=500, help="evaluation chunk size (default 500)")
     a("--no-baseline", dest="baseline", action="store_false", help="skip the plain optimiser's run")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    a("--checkpoint-every", type=int, default=0,
-      help="steps between checkpoints (default 0: at the end of each run and when interrupted)")
-    a("--resume", default=None, help="run folder (or one of its checkpoint files) to continue")
-    a("--stop-after", type=int, default=None,
-      help="stop once this many steps are done, counting the adaptive run's then the baseline's "
-           "(leaves checkpoints to --resume from)")
+    add_checkpoint_arguments(a)
     return parser
-
-
-CHECKPOINTS = {"adaptive": "checkpoint-adaptive.npz", "baseline": "checkpoint-baseline.npz"}
-# Options that do not change what a run computes (a resumed run may change them).
-RUN_ONLY = ("out", "resume", "stop_after", "checkpoint_every", "progress", "device", "command")
-
-
-def run_identity(args, model, ds, fx) -> dict:
-    """What a checkpoint must match to be resumed: every option that changes the run."""
-    opts = {k: v for k, v in sorted(vars(args).items())
-            if k not in RUN_ONLY and not k.startswith("_") and not callable(v)}
-    return {"kind": "gpu_ver adaptive", "options": opts, "model": model.describe(), "data": ds.describe(),
-            "floatX": fx}
-
-
-def resolve_run_dir(args) -> Path:
-    """The run folder: ``--resume``'s (which must hold the adaptive run's checkpoint), or
-    ``--out`` (default runs/adaptive-<time>), which must not hold a checkpoint already."""
-    from shared.records import default_run_dir, make_run_dir  # noqa: PLC0415
-
-    if args.resume:
-        d = Path(args.resume)
-        d = d.parent if d.is_file() else d
-        if not (d / CHECKPOINTS["adaptive"]).exists():
-            raise ConfigError(f"--resume {args.resume}: no {CHECKPOINTS['adaptive']} in {d}")
-        if args.out and Path(args.out).resolve() != d.resolve():
-            raise ConfigError(f"--out {args.out} differs from the folder being resumed ({d}); a run "
-                              "continues in its own folder")
-        return d
-    d = make_run_dir(args.out or default_run_dir("adaptive"))
-    held = [name for name in CHECKPOINTS.values() if (d / name).exists()]
-    if held:
-        raise ConfigError(f"{d} already holds {held[0]} of another run: continue it with --resume {d}, "
-                          "or choose another --out (nothing was overwritten)")
-    return d
 
 
 def baseline_method(args, layout, ad):
@@ -271,8 +239,7 @@ def run_adaptive(args) -> dict:
 
     if args.steps < 1 or args.eval_every < 1 or args.eval_train_n < 1 or args.eval_batch < 1:
         raise ConfigError("--steps, --eval-every, --eval-train-n and --eval-batch must be >= 1")
-    if args.checkpoint_every < 0 or (args.stop_after is not None and args.stop_after < 0):
-        raise ConfigError("--checkpoint-every and --stop-after must be >= 0")
+    check_checkpoint_options(args)
     timings = {}
     t0 = time.perf_counter()
     ds = load_data(args)
@@ -283,7 +250,8 @@ def run_adaptive(args) -> dict:
         raise ConfigError(f"{args.method}: the validation split is empty; T1-T2 needs held-out data (--n-val)")
     run_dir = resolve_run_dir(args)
     X, y, Xv, yv = ds.train.X, ds.train.y, ds.val.X, ds.val.y
-    identity = run_identity(args, model, ds, str(theano.config.floatX))
+    identity = run_identity(args, "gpu_ver adaptive", model=model.describe(), data=ds.describe(),
+                            floatX=str(theano.config.floatX))
 
     def phase(name, meth, stop, **kw):
         """One training run with its checkpoint (resumed when --resume finds it)."""
@@ -299,9 +267,8 @@ def run_adaptive(args) -> dict:
         print(f"{name}: stopped after {done} of {args.steps} steps; continue with --resume {run_dir}")
         return {"run_dir": str(run_dir), "completed": False, "phase": name, "steps_done": done}
 
-    stop = args.stop_after
     t0 = time.perf_counter()
-    res, run = phase("adaptive", method, stop, desc=args.method)
+    res, run = phase("adaptive", method, args.stop_after, desc=args.method)
     timings["train_s"] = time.perf_counter() - t0
     if res["steps_done"] < args.steps:
         return stopped("adaptive", res["steps_done"])
@@ -316,11 +283,12 @@ def run_adaptive(args) -> dict:
         metrics["n_projected"] = int(run.state()["n_projected"])
     base, base_name = None, BASELINE_OF.get(args.method, "sgd")
     if args.baseline:
-        if stop is not None and stop <= args.steps:
+        stop = stop_for_baseline(args.stop_after, args.steps)
+        if stop is not None and stop <= 0:
             return stopped("baseline", 0)
         t0 = time.perf_counter()
-        base, brun = phase("baseline", baseline_method(args, model.layout, ad),
-                           None if stop is None else stop - args.steps, record_hypers=False, desc=base_name)
+        base, brun = phase("baseline", baseline_method(args, model.layout, ad), stop, record_hypers=False,
+                           desc=base_name)
         timings["baseline_s"] = time.perf_counter() - t0
         if base["steps_done"] < args.steps:
             return stopped("baseline", base["steps_done"])

@@ -176,3 +176,91 @@ def method_kwargs(args) -> dict:
     if m == "t1t2":
         return dict(lr=args.lr, **common)
     return dict(lr=args.lr, beta=args.beta, lr_granularity="param", **common)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints of the ``adaptive`` commands (both backends)
+
+CHECKPOINTS = {"adaptive": "checkpoint-adaptive.npz", "baseline": "checkpoint-baseline.npz"}
+# Options that do not change what a run computes (a resumed run may change them).
+RUN_ONLY = ("out", "resume", "stop_after", "checkpoint_every", "progress", "device", "command")
+
+
+def run_identity(args, kind: str, **described) -> dict:
+    """What a checkpoint must match to be resumed: ``kind``, every option of ``args`` that
+    changes the run (all but ``RUN_ONLY``), and ``described`` (model, data, floatX ...)."""
+    opts = {f"option.{k}": v for k, v in sorted(vars(args).items())
+            if k not in RUN_ONLY and not k.startswith("_") and not callable(v)}
+    return {"kind": kind, **opts, **described}   # one key per option: a refusal names it
+
+
+def check_checkpoint_options(args) -> None:
+    if args.checkpoint_every < 0 or (args.stop_after is not None and args.stop_after < 0):
+        raise ConfigError("--checkpoint-every and --stop-after must be >= 0")
+
+
+def resolve_run_dir(args):
+    """The run folder: ``--resume``'s (which must hold the adaptive run's checkpoint), or
+    ``--out`` (default runs/adaptive-<time>), which must not hold a checkpoint already."""
+    from pathlib import Path
+
+    from shared.records import default_run_dir, make_run_dir
+
+    if args.resume:
+        d = Path(args.resume)
+        d = d.parent if d.is_file() else d
+        if not (d / CHECKPOINTS["adaptive"]).exists():
+            raise ConfigError(f"--resume {args.resume}: no {CHECKPOINTS['adaptive']} in {d}")
+        if args.out and Path(args.out).resolve() != d.resolve():
+            raise ConfigError(f"--out {args.out} differs from the folder being resumed ({d}); a run "
+                              "continues in its own folder")
+        return d
+    d = make_run_dir(args.out or default_run_dir("adaptive"))
+    held = [name for name in CHECKPOINTS.values() if (d / name).exists()]
+    if held:
+        raise ConfigError(f"{d} already holds {held[0]} of another run: continue it with --resume {d}, "
+                          "or choose another --out (nothing was overwritten)")
+    return d
+
+
+def add_checkpoint_arguments(add) -> None:
+    """``--checkpoint-every``, ``--resume``, ``--stop-after`` (``add``: a parser's add_argument)."""
+    add("--checkpoint-every", type=int, default=0,
+        help="steps between checkpoints (default 0: at the end of each run and when interrupted)")
+    add("--resume", default=None, help="run folder (or one of its checkpoint files) to continue")
+    add("--stop-after", type=int, default=None,
+        help="stop once this many steps are done, counting the adaptive run's then the baseline's "
+             "(leaves checkpoints to --resume from)")
+
+
+def stop_for_baseline(stop_after, steps):
+    """The baseline run's ``stop_after`` given the command's (None: run it whole)."""
+    return None if stop_after is None else stop_after - steps
+
+
+def restore_curves(resume, steps, curves: dict, hyp: dict, record_hypers: bool) -> int:
+    """Fill ``curves`` (and ``hyp``) in place from a checkpoint ``resume = (arrays, meta)``
+    written with ``curve_arrays``; return the step it holds (ConfigError outside 0..steps)."""
+    arrays, meta = resume
+    start = int(meta["step"])
+    if not 0 <= start <= steps:
+        raise ConfigError(f"checkpoint step {start} is outside 0..{steps}")
+    for k in curves:
+        curves[k] = arrays[f"curve/{k}"].tolist()
+    if record_hypers:
+        for k in hyp:
+            hyp[k] = arrays[f"hyp/{k}"].tolist()
+    return start
+
+
+def curve_arrays(curves: dict, hyp: dict, record_hypers: bool) -> dict:
+    """The curves (and hyperparameter quantiles) as float arrays for a checkpoint."""
+    out = {f"curve/{k}": np.asarray(v, float) for k, v in curves.items()}
+    if record_hypers:
+        out.update({f"hyp/{k}": np.asarray(v, float) for k, v in hyp.items()})
+    return out
+
+
+def record_due(t, eval_every, steps) -> bool:
+    """Whether the curves are recorded after t steps: at 0, every ``eval_every``, at the end."""
+    return t == 0 or t % eval_every == 0 or t == steps

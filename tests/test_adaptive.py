@@ -256,3 +256,70 @@ def test_run_adaptive_writes_results_and_is_reproducible(tmp_path, method):
     assert len(m["lr_quantiles"][0]) == len(m["blocks"]) and len(m["baseline"]["train_loss"]) == 4
     assert (tmp_path / "a" / "curves.png").exists() and (tmp_path / "a" / "hyperparameters.png").exists()
     assert out["metrics"]["train_loss"] == again["metrics"]["train_loss"]
+
+
+@pytest.mark.parametrize("method", ["combined", "idbd"])
+def test_run_adaptive_resumes_to_the_same_results(tmp_path, monkeypatch, method):
+    from shared.online import CHECKPOINTS  # noqa: PLC0415
+    from shared.records import load_checkpoint  # noqa: PLC0415
+
+    def metrics(d):
+        return json.loads((d / "results.json").read_text())["metrics"]
+
+    run_adaptive(_args(tmp_path / "full", "--method", method))
+    want = metrics(tmp_path / "full")
+    cut = tmp_path / "cut"
+    r = run_adaptive(_args(cut, "--method", method, "--checkpoint-every", "7", "--stop-after", "15"))
+    assert (r["completed"], r["phase"], r["steps_done"]) == (False, "adaptive", 15)
+    assert not (cut / "results.json").exists()
+    r = run_adaptive(_args(cut, "--method", method, "--resume", str(cut), "--stop-after", "41"))
+    assert (r["phase"], r["steps_done"]) == ("baseline", 11)
+    run_adaptive(_args(cut, "--method", method, "--resume", str(cut)))
+    assert metrics(cut) == want
+
+    # Ctrl-C after step 20, before its record: the checkpoint holds step 20, the record is made on resume
+    real = ad.block_quantiles
+    calls = {"n": 0}
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:              # records at 0 and 10 take two calls each; the one at 20 stops
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ad, "block_quantiles", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_adaptive(_args(tmp_path / "c", "--method", method))
+    monkeypatch.setattr(ad, "block_quantiles", real)
+    _, meta = load_checkpoint(tmp_path / "c" / CHECKPOINTS["adaptive"])
+    assert meta["step"] == 20
+    run_adaptive(_args(tmp_path / "c", "--method", method, "--resume", str(tmp_path / "c")))
+    assert metrics(tmp_path / "c") == want
+
+    with pytest.raises(ConfigError, match="option.lr"):
+        run_adaptive(_args(cut, "--method", method, "--resume", str(cut), "--lr", "0.5"))
+    with pytest.raises(ConfigError, match="already holds"):
+        run_adaptive(_args(cut, "--method", method))
+
+
+def test_every_method_state_round_trips_through_checkpoint_arrays(tmp_path):
+    from shared.records import load_checkpoint, save_checkpoint  # noqa: PLC0415
+
+    problem = ad.build_check_problem(0)
+    model = MLP(problem.sizes, problem.activation)
+    configs = dict(ad.CHECK_CONFIGS, sgd=("sgd", {}), sgdn=("sgdn", {}), adam=("adam", {}))
+    for name, (method, kw) in configs.items():
+        m = ad.make_method(method, model.layout, **kw)
+        w, s = problem.w0, m.init(problem.w0)
+        for t in range(2):
+            w, s = ad.step(m, model, w, s, ad._batch(problem, t), ad._val_batch(problem, t))
+        arrays, structure = ad.state_arrays(s)
+        save_checkpoint(tmp_path / "s.npz", arrays, {"state": structure})
+        loaded, meta = load_checkpoint(tmp_path / "s.npz")
+        back = ad.state_from_arrays(loaded, meta["state"])
+        assert type(back) is type(s), name
+        w1, s1 = ad.step(m, model, w, s, ad._batch(problem, 2), ad._val_batch(problem, 2))
+        w2, s2 = ad.step(m, model, w, back, ad._batch(problem, 2), ad._val_batch(problem, 2))
+        assert np.array_equal(w1, w2), name
+        a1, a2 = ad.state_arrays(s1)[0], ad.state_arrays(s2)[0]
+        assert a1.keys() == a2.keys() and all(np.array_equal(a1[k], a2[k]) for k in a1), name

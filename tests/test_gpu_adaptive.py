@@ -20,6 +20,7 @@ from gpu_ver import adaptive as ad  # noqa: E402
 from gpu_ver import adaptive_cli as cli  # noqa: E402
 from gpu_ver import models as M  # noqa: E402
 from shared.errors import ConfigError, NonFiniteError  # noqa: E402
+from shared.online import CHECKPOINTS  # noqa: E402
 
 FD_TOL, CROSS_TOL = 1e-6, 1e-10
 ALL_CHECKS = list(ad.CHECK_CONFIGS) + list(ad.TRACE_NAMES)
@@ -261,10 +262,10 @@ def test_adaptive_command_resumes_to_the_same_results(tmp_path, monkeypatch):
     cut = tmp_path / "cut"
     r = cli.run_adaptive(_mlp_args(cut, "--checkpoint-every", "4", "--stop-after", "7"))
     assert (r["completed"], r["phase"], r["steps_done"]) == (False, "adaptive", 7)
-    assert not (cut / "results.json").exists() and not (cut / cli.CHECKPOINTS["baseline"]).exists()
+    assert not (cut / "results.json").exists() and not (cut / CHECKPOINTS["baseline"]).exists()
     r = cli.run_adaptive(_mlp_args(cut, "--resume", str(cut), "--stop-after", "17"))
     assert (r["phase"], r["steps_done"]) == ("baseline", 5)
-    cli.run_adaptive(_mlp_args(cut, "--resume", str(cut / cli.CHECKPOINTS["adaptive"])))
+    cli.run_adaptive(_mlp_args(cut, "--resume", str(cut / CHECKPOINTS["adaptive"])))
     assert _metrics(cut) == want
 
     # interrupted (Ctrl-C) between a step and the record due after it: the checkpoint
@@ -285,13 +286,13 @@ def test_adaptive_command_resumes_to_the_same_results(tmp_path, monkeypatch):
     monkeypatch.setattr(ad.OnlineRun, "evaluate", real_evaluate)
     from shared.records import load_checkpoint  # noqa: PLC0415
 
-    arrays, meta = load_checkpoint(ctrl_c / cli.CHECKPOINTS["adaptive"])
+    arrays, meta = load_checkpoint(ctrl_c / CHECKPOINTS["adaptive"])
     assert meta["step"] == 5 and arrays["curve/step"].tolist() == [0.0]
     cli.run_adaptive(_mlp_args(ctrl_c, "--resume", str(ctrl_c)))
     assert _metrics(ctrl_c) == want
 
     # refusals: another configuration, an occupied folder, nothing to resume
-    with pytest.raises(ConfigError, match="options"):
+    with pytest.raises(ConfigError, match="option.lr"):
         cli.run_adaptive(_mlp_args(cut, "--resume", str(cut), "--lr", "0.1"))
     with pytest.raises(ConfigError, match="already holds"):
         cli.run_adaptive(_mlp_args(cut))
