@@ -160,7 +160,7 @@ def run_adaptive(args) -> dict:
         """One training run with its checkpoint (resumed when --resume finds it)."""
         path = run_dir / CHECKPOINTS[name]
         ident = {**identity, "phase": name}
-        resume = load_checkpoint(path, expect=ident) if args.resume and path.exists() else None
+        resume = load_checkpoint(path, expect=ident) if args.resume is not None and path.exists() else None
         return ad.train_online(meth, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
                                progress=args.progress, checkpoint=path, checkpoint_every=args.checkpoint_every,
                                identity=ident, resume=resume, stop_after=stop, **kw)

@@ -257,7 +257,7 @@ def run_adaptive(args) -> dict:
         """One training run with its checkpoint (resumed when --resume finds it)."""
         path = run_dir / CHECKPOINTS[name]
         ident = {**identity, "phase": name}
-        resume = load_checkpoint(path, expect=ident) if args.resume and path.exists() else None
+        resume = load_checkpoint(path, expect=ident) if args.resume is not None and path.exists() else None
         return ad.train_online(meth, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
                                eval_train_n=args.eval_train_n, progress=args.progress, eval_batch=args.eval_batch,
                                checkpoint=path, checkpoint_every=args.checkpoint_every, identity=ident,

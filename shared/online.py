@@ -206,8 +206,10 @@ def resolve_run_dir(args):
 
     from shared.records import default_run_dir, make_run_dir
 
-    if args.resume:
-        d = Path(args.resume)
+    if args.resume is not None:
+        if not args.resume and not args.out:
+            raise ConfigError("--resume without a folder needs --out (the run folder to continue)")
+        d = Path(args.resume or args.out)
         d = d.parent if d.is_file() else d
         if not (d / CHECKPOINTS["adaptive"]).exists():
             raise ConfigError(f"--resume {args.resume}: no {CHECKPOINTS['adaptive']} in {d}")
@@ -227,7 +229,8 @@ def add_checkpoint_arguments(add) -> None:
     """``--checkpoint-every``, ``--resume``, ``--stop-after`` (``add``: a parser's add_argument)."""
     add("--checkpoint-every", type=int, default=0,
         help="steps between checkpoints (default 0: at the end of each run and when interrupted)")
-    add("--resume", default=None, help="run folder (or one of its checkpoint files) to continue")
+    add("--resume", nargs="?", const="", default=None, metavar="RUN_FOLDER",
+        help="continue the run in RUN_FOLDER (or in --out when given alone, as the meta commands take it)")
     add("--stop-after", type=int, default=None,
         help="stop once this many steps are done, counting the adaptive run's then the baseline's "
              "(leaves checkpoints to --resume from)")

@@ -274,7 +274,7 @@ def test_run_adaptive_resumes_to_the_same_results(tmp_path, monkeypatch, method)
     assert not (cut / "results.json").exists()
     r = run_adaptive(_args(cut, "--method", method, "--resume", str(cut), "--stop-after", "41"))
     assert (r["phase"], r["steps_done"]) == ("baseline", 11)
-    run_adaptive(_args(cut, "--method", method, "--resume", str(cut)))
+    run_adaptive(_args(cut, "--method", method, "--resume"))      # the folder from --out
     assert metrics(cut) == want
 
     # Ctrl-C after step 20, before its record: the checkpoint holds step 20, the record is made on resume
