@@ -257,8 +257,10 @@ def restore_curves(resume, steps, curves: dict, hyp: dict, record_hypers: bool) 
 
 
 def curve_arrays(curves: dict, hyp: dict, record_hypers: bool) -> dict:
-    """The curves (and hyperparameter quantiles) as float arrays for a checkpoint."""
-    out = {f"curve/{k}": np.asarray(v, float) for k, v in curves.items()}
+    """The curves (and hyperparameter quantiles) as arrays for a checkpoint: the step
+    numbers as integers (so that a resumed run writes them as an uninterrupted one
+    does), everything else as floats."""
+    out = {f"curve/{k}": np.asarray(v, np.int64 if k == "step" else float) for k, v in curves.items()}
     if record_hypers:
         out.update({f"hyp/{k}": np.asarray(v, float) for k, v in hyp.items()})
     return out

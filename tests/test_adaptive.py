@@ -276,6 +276,7 @@ def test_run_adaptive_resumes_to_the_same_results(tmp_path, monkeypatch, method)
     assert (r["phase"], r["steps_done"]) == ("baseline", 11)
     run_adaptive(_args(cut, "--method", method, "--resume"))      # the folder from --out
     assert metrics(cut) == want
+    assert json.dumps(metrics(cut)) == json.dumps(want)            # same types too (step 10, not 10.0)
 
     # Ctrl-C after step 20, before its record: the checkpoint holds step 20, the record is made on resume
     real = ad.block_quantiles

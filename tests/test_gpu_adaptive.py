@@ -267,6 +267,7 @@ def test_adaptive_command_resumes_to_the_same_results(tmp_path, monkeypatch):
     assert (r["phase"], r["steps_done"]) == ("baseline", 5)
     cli.run_adaptive(_mlp_args(cut, "--resume", str(cut / CHECKPOINTS["adaptive"])))
     assert _metrics(cut) == want
+    assert json.dumps(_metrics(cut)) == json.dumps(want)           # same types too (step 10, not 10.0)
 
     # interrupted (Ctrl-C) between a step and the record due after it: the checkpoint
     # holds the step, and the resumed run makes the missing record first
