@@ -948,26 +948,27 @@ def state_arrays(state, prefix="state") -> tuple:
     return arrays, walk(state, prefix)
 
 
-_STATE_TYPES = {"tuple": tuple}
+_STATE_TYPES = {c.__name__: c for c in (tuple, PlainState, HDState, AlmeidaState, IDBDState, SMDState, T1T2State,
+                                        CombinedState)}
+_SCALARS = {"int": int, "float": float, "bool": bool}
 
 
 def state_from_arrays(arrays, structure):
     """Inverse of ``state_arrays``."""
-    types = {**_STATE_TYPES, **{c.__name__: c for c in (PlainState, HDState, AlmeidaState, IDBDState, SMDState,
-                                                         T1T2State, CombinedState)}}
 
     def build(node):
         if node is None:
             return None
         if "items" in node:
-            cls = types.get(node["type"])
+            cls = _STATE_TYPES.get(node["type"])
             if cls is None:
                 raise ConfigError(f"checkpoint state has an unknown part {node['type']!r}")
             items = [build(v) for v in node["items"]]
             return cls(items) if cls is tuple else cls(*items)
         a = np.asarray(arrays[node["key"]])
-        return {"int": int, "float": float, "bool": bool}.get(node["scalar"], lambda v: v)(a[()] if a.ndim == 0
-                                                                                             else a)
+        if a.ndim == 0:
+            a = a[()]
+        return _SCALARS[node["scalar"]](a) if node["scalar"] in _SCALARS else a
 
     return build(structure)
 

@@ -784,19 +784,19 @@ class OnlineRun:
             var = self.S[k]
             var.set_value(np.asarray(a, var.dtype))
 
+    def _checkpoint_vars(self) -> dict:
+        """Everything ``step`` reads and writes: weights ``w``, method state ``S.<name>``,
+        BN running averages ``bn<i>.mean``/``bn<i>.var``."""
+        return {"w": self.w, **{f"S.{k}": v for k, v in self.S.items()},
+                **{v.name: v for pair in self.bn for v in pair}}
+
     def get_arrays(self) -> dict:
-        """Everything ``step`` reads and writes, as stored (weights ``w``, method state
-        ``S.<name>``, BN running averages ``bn<i>.mean``/``bn<i>.var``): a checkpoint."""
-        out = {"w": self.w.get_value(), **{f"S.{k}": v.get_value() for k, v in self.S.items()}}
-        for rm, rv in self.bn:
-            out[rm.name], out[rv.name] = rm.get_value(), rv.get_value()
-        return out
+        """The values of ``_checkpoint_vars`` as stored: a checkpoint."""
+        return {k: v.get_value() for k, v in self._checkpoint_vars().items()}
 
     def set_arrays(self, arrays: dict) -> None:
         """Restore ``get_arrays``'s output (every entry must be present with its shape)."""
-        shared = [self.w, *self.S.values(), *(v for pair in self.bn for v in pair)]
-        keys = ["w", *(f"S.{k}" for k in self.S), *(v.name for pair in self.bn for v in pair)]
-        for key, var in zip(keys, shared):
+        for key, var in self._checkpoint_vars().items():
             if key not in arrays:
                 raise ConfigError(f"checkpoint has no array {key!r}")
             a, cur = np.asarray(arrays[key]), var.get_value()
