@@ -116,7 +116,7 @@ from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
     CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
     CheckProblem, OneStep, build_check_problem, fd_check, fd_directional)
 from shared.online import GRANULARITY_ALIASES as _GRANULARITY_ALIASES
-from shared.online import curve_arrays, record_due, restore_curves
+from shared.online import check_validation_split, curve_arrays, record_due, restore_curves
 from shared.online import check_clip as _check_clip
 from shared.online import check_decay as _check_decay
 from shared.online import check_l2 as _check_l2
@@ -998,8 +998,7 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     from shared.records import save_checkpoint
 
     X, y, Xv, yv = data
-    if method.needs_val and len(yv) == 0:
-        raise ConfigError(f"{method.name}: the validation split is empty; T1-T2 needs held-out data (--n-val)")
+    check_validation_split(method.name, method.needs_val, len(yv))
     if batch_size < 1 or batch_size > len(y):
         raise ConfigError(f"batch size must be in 1..{len(y)} (training examples), got {batch_size}")
     if checkpoint_every < 0:

@@ -30,7 +30,8 @@ import numpy as np
 from cpu_ver import adaptive as ad
 from cpu_ver.models import MLP, parse_layers
 from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, check_checkpoint_options,
-                           method_kwargs, resolve_run_dir, run_identity, stop_for_baseline)
+                           check_validation_split, method_kwargs, resolve_run_dir, run_identity,
+                           stop_for_baseline)
 from shared.errors import ConfigError
 
 _DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -137,6 +138,11 @@ def _plot(run_dir, res, base, method_name, base_name):
     save_figure(fig, Path(run_dir) / "hyperparameters.png")
 
 
+def _rows(X):
+    """Inputs as (n, features), also for an empty split (``reshape(0, -1)`` is ambiguous)."""
+    return X.reshape(len(X), int(np.prod(X.shape[1:], dtype=np.int64)))
+
+
 def run_adaptive(args) -> dict:
     """Run ``args.method`` (and the plain baseline), write results.json and plots; return results."""
     from shared.records import load_checkpoint, write_results
@@ -145,7 +151,7 @@ def run_adaptive(args) -> dict:
     t0 = time.perf_counter()
     ds = _load(args)
     timings["load_s"] = time.perf_counter() - t0
-    X, y, Xv, yv = ds.train.X.reshape(len(ds.train), -1), ds.train.y, ds.val.X.reshape(len(ds.val), -1), ds.val.y
+    X, y, Xv, yv = _rows(ds.train.X), ds.train.y, _rows(ds.val.X), ds.val.y
     sizes = parse_layers(args.layers) if args.layers else (X.shape[1], 50, ds.n_classes)
     model = MLP(sizes, args.activation)
     model.check_data(X, y, "training split")
@@ -153,6 +159,7 @@ def run_adaptive(args) -> dict:
         raise ConfigError("--steps and --eval-every must be >= 1")
     check_checkpoint_options(args)
     method = ad.make_method(args.method, model.layout, **method_kwargs(args))
+    check_validation_split(args.method, method.needs_val, len(yv))      # before the run folder is made
     run_dir = resolve_run_dir(args)
     identity = run_identity(args, "cpu_ver adaptive", layers=list(sizes), data=ds.describe())
 
@@ -177,7 +184,7 @@ def run_adaptive(args) -> dict:
     metrics = dict(res)
     metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
                    final_val_error=res["val_error"][-1],
-                   test_error=model.error(w, ds.test.X.reshape(len(ds.test), -1), ds.test.y) if len(ds.test) else None)
+                   test_error=model.error(w, _rows(ds.test.X), ds.test.y) if len(ds.test) else None)
     lr_state = state.lr if isinstance(state, ad.CombinedState) else state
     if hasattr(lr_state, "n_projected"):
         metrics["n_projected"] = int(lr_state.n_projected)

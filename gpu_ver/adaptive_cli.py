@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_checkpoint_arguments,
-                           check_checkpoint_options, method_kwargs, resolve_run_dir, run_identity,
-                           stop_for_baseline)
+                           check_checkpoint_options, check_validation_split, method_kwargs, resolve_run_dir,
+                           run_identity, stop_for_baseline)
 from shared.errors import ConfigError
 
 
@@ -246,8 +246,7 @@ def run_adaptive(args) -> dict:
     timings["load_s"] = time.perf_counter() - t0
     model = build_model(args, ds, M)
     method = ad.make_method(args.method, model.layout, **method_kwargs(args))
-    if method.needs_val and len(ds.val) == 0:
-        raise ConfigError(f"{args.method}: the validation split is empty; T1-T2 needs held-out data (--n-val)")
+    check_validation_split(args.method, method.needs_val, len(ds.val))
     run_dir = resolve_run_dir(args)
     X, y, Xv, yv = ds.train.X, ds.train.y, ds.val.X, ds.val.y
     identity = run_identity(args, "gpu_ver adaptive", model=model.describe(), data=ds.describe(),

@@ -178,6 +178,12 @@ def method_kwargs(args) -> dict:
     return dict(lr=args.lr, beta=args.beta, lr_granularity="param", **common)
 
 
+def check_validation_split(method_name: str, needs_val: bool, n_val: int) -> None:
+    """ConfigError when a method that learns from held-out data (T1-T2, combined) has none."""
+    if needs_val and n_val == 0:
+        raise ConfigError(f"{method_name}: the validation split is empty; T1-T2 needs held-out data (--n-val)")
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints of the ``adaptive`` commands (both backends)
 

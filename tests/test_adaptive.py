@@ -177,6 +177,11 @@ def test_empty_validation_split_is_a_config_error():
         ad.train_online(m, model, (X, y, X[:0], y[:0]), 5, 4)
 
 
+def test_command_with_an_empty_validation_split_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="validation split is empty"):
+        run_adaptive(_args(tmp_path / "run", "--method", "t1t2", "--n-val", "0"))
+
+
 def test_non_finite_raises_naming_the_step():
     model = _model()
     p = ad.build_check_problem(0)
