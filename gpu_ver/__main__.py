@@ -150,8 +150,8 @@ COMMANDS: dict = {
 def add_common_args(p, cmd: Command):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<command>-<time>)")
-    p.add_argument("--device", default=None, choices=list(config.DEVICES),
-                   help=f"Theano device (default ${config.ENV_DEVICE} or auto)")
+    p.add_argument("--device", default=None, metavar="auto|cpu|cuda|opencl",
+                   help=f"Theano device: auto (CUDA if present, else cpu), cpu, cuda, opencl, or e.g. cuda1, opencl0:1 (default ${config.ENV_DEVICE} or auto)")
     p.add_argument("--floatX", default=None, choices=list(config.FLOATX),
                    help=f"Theano float type (default ${config.ENV_FLOATX} or {cmd.default_floatX})")
 

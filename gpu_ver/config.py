@@ -7,12 +7,15 @@ and ``load`` refuses a second call that asks for other settings.
 
 Settings, by precedence (option > environment > default):
 
-- device:  ``cpu`` | ``cuda`` | ``auto``.  Option ``device=``, env ``HPO_DEVICE``,
-  default ``auto`` = ``cuda`` when a usable GPU backend (pygpu with at least one
-  CUDA device) imports, else ``cpu``. Asking for ``cuda`` without one raises
-  ``ConfigError`` *before* Theano is imported. With ``cuda`` we also set
-  ``dnn__enabled=False`` (Theano-PyMC 1.1.2 calls cuDNN functions removed in
-  cuDNN 8; THEANO.md).
+- device:  ``auto`` | ``cpu`` | ``cuda`` | ``opencl``, or a specific GPU such as
+  ``cuda1`` or ``opencl0:1`` (platform:device). Option ``device=``, env ``HPO_DEVICE``,
+  default ``auto`` = the first CUDA device when pygpu (libgpuarray) sees one, else
+  ``cpu``; ``auto`` never picks OpenCL (pocl's OpenCL device on a CPU is slower than
+  the C backend; OpenCL is for AMD/Intel GPUs and for testing the GPU path). Asking
+  for a GPU that is not there raises ``ConfigError`` *before* Theano is imported. On a
+  GPU device ``load`` installs ``gpu_ver/theano_fixes.py`` (Theano-PyMC's gpuarray
+  layer does not run without it) and sets ``dnn__enabled=False`` (Theano-PyMC 1.1.2
+  calls cuDNN functions removed in cuDNN 8; docs/THEANO.md).
 - floatX:  ``float64`` | ``float32``.  Option ``floatX=``, env ``HPO_FLOATX``,
   default ``float64`` (the precision the cross-checks need; ``train`` and the
   benchmark ask for float32 explicitly).
@@ -48,12 +51,15 @@ import glob
 import importlib.util
 import logging
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 
+from gpu_ver import theano_fixes
 from shared.errors import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "opencl")   # kinds; a specific GPU: cuda1, opencl0:1
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda\d*|opencl(\d+:\d+)?)$")
 FLOATX = ("float64", "float32")
 ENV_DEVICE, ENV_FLOATX, ENV_CACHE = "HPO_DEVICE", "HPO_FLOATX", "HPO_THEANO_CACHE"
 ENV_BLAS, ENV_OPENMP = "HPO_BLAS_LDFLAGS", "HPO_OPENMP"
@@ -63,7 +69,7 @@ ENV_BLAS, ENV_OPENMP = "HPO_BLAS_LDFLAGS", "HPO_OPENMP"
 class Settings:
     """Resolved settings (what ``load`` applies)."""
 
-    device: str          # "cpu" or "cuda"
+    device: str          # Theano's device: "cpu", "cuda", "cuda1", "opencl0:0", ...
     floatX: str
     blas_ldflags: str
     base_compiledir: str
@@ -78,27 +84,64 @@ class Settings:
              "cycle_detection": "fast",
              "optimizer_excluding": "merge3",
              "gcc__cxxflags": "-g0"}
-        if self.device == "cuda":
+        if device_kind(self.device) != "cpu":
             f["dnn__enabled"] = "False"
         return f
 
 
-# --------------------------------------------------------------------------- probing
-def probe_gpu() -> tuple:
-    """(usable, reason): is a GPU backend usable? Never imports Theano.
+# --------------------------------------------------------------------------- devices
+def device_kind(device: str) -> str:
+    """``"cpu"``, ``"cuda"`` or ``"opencl"`` for a device name (``cuda1`` -> ``cuda``)."""
+    d = str(device)
+    return "cuda" if d.startswith(("cuda", "gpu")) else "opencl" if d.startswith("opencl") else "cpu"
 
-    Usable means ``pygpu`` imports and reports at least one CUDA device.
-    """
+
+def on_gpu(theano) -> bool:
+    """Does the loaded Theano run on a GPU device (CUDA or OpenCL)?"""
+    return device_kind(theano.config.device) != "cpu"
+
+
+def _device_index(device: str) -> tuple:
+    """(platform, device) numbers of a GPU name: cuda -> (0, 0), cuda2 -> (0, 2), opencl0:1 -> (0, 1)."""
+    kind, rest = device_kind(device), device[4:] if device.startswith("cuda") else device[6:]
+    if kind == "cuda":
+        return 0, int(rest or 0)
+    plat, _, dev = rest.partition(":")
+    return int(plat or 0), int(dev or 0)
+
+
+def probe_gpu(kind: str = "cuda", platform: int = 0) -> tuple:
+    """(count, reason): how many ``kind`` devices (CUDA, or OpenCL on ``platform``) pygpu
+    sees, and a sentence saying so or why none. Never imports Theano."""
     if importlib.util.find_spec("pygpu") is None:
-        return False, "pygpu (libgpuarray's Python module) is not installed"
+        return 0, "pygpu (libgpuarray's Python module) is not installed (scripts/opencl_setup.sh installs it)"
+    what = "CUDA" if kind == "cuda" else f"OpenCL (platform {platform})"
     try:
         import pygpu.gpuarray as ga  # noqa: PLC0415 (optional dependency)
-        n = int(ga.count_devices("cuda", 0))
-    except Exception as e:  # any failure of the optional backend means "no GPU"
-        return False, f"pygpu is installed but found no CUDA device ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        n = int(ga.count_devices(kind, platform))
+    except Exception as e:  # any failure of the optional backend means "no such device"
+        msg = str(e).splitlines()[0] if str(e) else ""
+        return 0, f"pygpu is installed but found no {what} device ({type(e).__name__}: {msg})"
     if n < 1:
-        return False, "pygpu found no CUDA device"
-    return True, f"pygpu sees {n} CUDA device(s)"
+        return 0, f"pygpu found no {what} device"
+    return n, f"pygpu sees {n} {what} device(s)"
+
+
+def resolve_device(device: str) -> str:
+    """Theano's device for a requested one (``auto`` -> first CUDA device or ``cpu``;
+    ``opencl`` -> ``opencl0:0``); ConfigError when the requested GPU is not there."""
+    if device == "cpu":
+        return "cpu"
+    if device == "auto":
+        return "cuda0" if probe_gpu("cuda")[0] else "cpu"
+    name = "opencl0:0" if device == "opencl" else device
+    kind, (plat, idx) = device_kind(name), _device_index(name)
+    n, why = probe_gpu(kind, plat)
+    if idx >= n:
+        have = why if n == 0 else f"{why}, so there is no device {idx}"
+        raise ConfigError(f"device {device} requested but not usable: {have}; "
+                          f"use --device cpu (or {ENV_DEVICE}=cpu)")
+    return name
 
 
 def scipy_openblas_flags() -> str:
@@ -129,16 +172,27 @@ def _choose(value, env, allowed, default, what):
     return v
 
 
+def check_device(value: str, from_env: bool = False) -> str:
+    """``value`` if it names a device (see ``DEVICES``), else ConfigError naming the option
+    (or ``HPO_DEVICE`` when ``from_env``)."""
+    v = str(value).strip()
+    if not _DEVICE_RE.match(v):
+        src = f"{ENV_DEVICE}={v}" if from_env else f"--device {v}"
+        raise ConfigError(f"{src}: device must be one of {', '.join(DEVICES)}, "
+                          f"or a specific GPU such as cuda1 or opencl0:1")
+    return v
+
+
+def _requested_device(device) -> str:
+    if device is not None:
+        return check_device(device)
+    return check_device(os.environ.get(ENV_DEVICE) or "auto", from_env=True)
+
+
 def resolve(device=None, floatX=None) -> Settings:
-    """Settings from options, environment and defaults; raises ConfigError for cuda without a GPU."""
-    dev = _choose(device, ENV_DEVICE, DEVICES, "auto", "device")
+    """Settings from options, environment and defaults; raises ConfigError for a missing GPU."""
+    dev = resolve_device(_requested_device(device))
     fx = _choose(floatX, ENV_FLOATX, FLOATX, "float64", "floatX")
-    if dev != "cpu":
-        ok, why = probe_gpu()
-        if dev == "cuda" and not ok:
-            raise ConfigError(f"device cuda requested but no usable GPU backend: {why}; "
-                              f"use --device cpu (or {ENV_DEVICE}=cpu)")
-        dev = "cuda" if ok else "cpu"
     blas = os.environ.get(ENV_BLAS)
     blas = scipy_openblas_flags() if blas is None else blas
     omp = os.environ.get(ENV_OPENMP, "0").strip().lower() in ("1", "true", "yes")
@@ -179,9 +233,13 @@ def merge_flags(user: str, ours: dict) -> str:
     return ",".join(keep)
 
 
-def _loaded_settings(theano) -> dict:
-    dev = "cuda" if str(theano.config.device).startswith(("cuda", "gpu")) else "cpu"
-    return {"device": dev, "floatX": str(theano.config.floatX)}
+def _same_device(want: str, have: str) -> bool:
+    """Is the loaded device ``have`` what ``want`` asks for (a kind matches any device of it)?"""
+    if want in ("cuda", "opencl"):
+        return device_kind(have) == want
+    if "cpu" in (want, device_kind(have)):
+        return want == have
+    return device_kind(want) == device_kind(have) and _device_index(want) == _device_index(have)
 
 
 def load(device=None, floatX=None):
@@ -193,13 +251,12 @@ def load(device=None, floatX=None):
     """
     if "theano" in sys.modules:
         theano = sys.modules["theano"]
-        have = _loaded_settings(theano)
-        want = {}
-        if device not in (None, "auto"):
-            want["device"] = _choose(device, ENV_DEVICE, DEVICES, "auto", "device")
-        if floatX is not None:
-            want["floatX"] = _choose(floatX, ENV_FLOATX, FLOATX, "float64", "floatX")
-        diff = {k: (v, have[k]) for k, v in want.items() if have[k] != v}
+        have = {"device": str(theano.config.device), "floatX": str(theano.config.floatX)}
+        diff = {}
+        if device not in (None, "auto") and not _same_device(check_device(device), have["device"]):
+            diff["device"] = (device, have["device"])
+        if floatX is not None and (fx := _choose(floatX, ENV_FLOATX, FLOATX, "float64", "floatX")) != have["floatX"]:
+            diff["floatX"] = (fx, have["floatX"])
         if diff:
             desc = ", ".join(f"{k}={v} requested but Theano was already imported with {k}={h}"
                              for k, (v, h) in diff.items())
@@ -209,96 +266,14 @@ def load(device=None, floatX=None):
     os.makedirs(s.base_compiledir, exist_ok=True)
     os.environ["THEANO_FLAGS"] = merge_flags(os.environ.get("THEANO_FLAGS", ""), s.flags())
     logging.getLogger("theano.tensor.blas").addFilter(_drop_ldflags_warning)
-    if s.device == "cuda":
-        _install_gpuarray_patches()
+    if device_kind(s.device) != "cpu":
+        theano_fixes.install()
     import theano  # noqa: PLC0415 (must follow the flags)
     _cache_ops_without_props()
-    _finish_gpu_init(theano)
     from gpu_ver import pch, rewrites  # noqa: PLC0415 (need Theano imported)
     rewrites.register(theano)
     pch.install(theano)
     return theano
-
-
-# Theano-PyMC 1.1.2 added an ``fgraph`` first argument to most of gpuarray's lifting
-# optimisers (``def local_gpua_dot22(fgraph, op, context_name, inputs, outputs)``) but not
-# to the two places that call them (``op_lifter``'s ``local_opt`` and ``GraphToGPU``), nor
-# to a few optimisers it left with the old signature; every lift then fails with
-# "missing 1 required positional argument: 'outputs'" and nothing moves to the GPU (seen
-# on an H100). These source patches route both calls through ``_hpo_lift``, which passes
-# ``fgraph`` to the functions that take it. Applied only when the CUDA device is used.
-_LIFT_HELPER = '''
-
-_hpo_arity = {}
-
-
-def _hpo_lift(call, target, fgraph, *args):
-    f = getattr(target, "fn", target)
-    n = _hpo_arity.get(f)
-    if n is None:
-        import inspect
-        try:
-            n = _hpo_arity[f] = len(inspect.signature(f).parameters)
-        except (TypeError, ValueError):
-            n = _hpo_arity[f] = len(args)
-    return call(fgraph, *args) if n == len(args) + 1 else call(*args)
-'''
-_GPUARRAY_PATCHES = {
-    "theano.gpuarray.opt_util": [
-        ("new_op = maker(node.op, context_name, node.inputs, node.outputs)",
-         "new_op = _hpo_lift(maker, maker, fgraph, node.op, context_name, node.inputs, node.outputs)")],
-    "theano.gpuarray.opt": [
-        ("new_ops = lopt.transform(\n                        node.op,",
-         "new_ops = _hpo_lift(lopt.transform, lopt, fgraph,\n                        node.op,")],
-}
-
-
-def _install_gpuarray_patches() -> None:
-    """Install (once) an import hook that applies ``_GPUARRAY_PATCHES`` to Theano's source."""
-    import importlib.machinery  # noqa: PLC0415
-
-    if any(type(f).__name__ == "_GpuarrayPatchFinder" for f in sys.meta_path):
-        return
-
-    class _Loader(importlib.machinery.SourceFileLoader):
-        def get_code(self, fullname):
-            src = self.get_data(self.path).decode("utf-8")
-            for old, new in _GPUARRAY_PATCHES[fullname]:
-                if old in src:
-                    src = src.replace(old, new)
-            return compile(src + _LIFT_HELPER, self.path, "exec", dont_inherit=True)
-
-    class _GpuarrayPatchFinder:
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name not in _GPUARRAY_PATCHES:
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is not None and spec.origin and spec.origin.endswith(".py"):
-                spec.loader = _Loader(name, spec.origin)
-            return spec
-
-    sys.meta_path.insert(0, _GpuarrayPatchFinder())
-
-
-def _finish_gpu_init(theano) -> None:
-    """Complete Theano-PyMC 1.1.2's ``gpuarray.use`` after its name clash.
-
-    ``theano/gpuarray/__init__.py`` imports ``optdb`` from ``theano.compile`` and then a
-    submodule of its own called ``optdb`` replaces that name, so ``use(device)`` fails
-    right after initialising the device ("module 'theano.gpuarray.optdb' has no attribute
-    'add_tags'", logged as "Could not initialize pygpu"): the context exists but no
-    optimisation moves computations to the GPU (seen on an H100: every op stayed on the
-    CPU). This does the two steps that were skipped, with the real optimiser database.
-    """
-    ga = sys.modules.get("theano.gpuarray")
-    if ga is None or not getattr(ga, "pygpu_activated", False) or hasattr(ga.optdb, "add_tags"):
-        return
-    from theano.compile.mode import optdb  # noqa: PLC0415 (the SequenceDB)
-    from theano.gpuarray.type import gpuarray_shared_constructor  # noqa: PLC0415
-    optdb.add_tags("gpuarray_opt", "fast_run", "fast_compile")
-    optdb.add_tags("gpua_scanOp_make_inplace", "fast_run")
-    theano.compile.shared_constructor(gpuarray_shared_constructor)
 
 
 def _cache_ops_without_props() -> None:
@@ -334,25 +309,48 @@ def _drop_ldflags_warning(record) -> bool:
     return not str(record.msg).startswith("We did not find a dynamic library")
 
 
+def host_blas(ldflags: str) -> str:
+    """The host BLAS that ``blas__ldflags`` links (the C backend's matrix products)."""
+    if not ldflags:
+        return "numpy C-API fallback (no BLAS linked)"
+    lib = next((t[3:] for t in ldflags.split() if t.startswith("-l")), ldflags)
+    return f"{'OpenBLAS' if 'openblas' in lib.lower() else 'BLAS'} ({lib.lstrip(':')})"
+
+
+def gpu_blas(kind: str) -> str:
+    """The BLAS libgpuarray uses on a device of ``kind`` (it dlopens the unversioned name)."""
+    import ctypes.util  # noqa: PLC0415
+    if kind == "cuda":
+        return "cuBLAS (libcublas.so)"
+    for name, lib in (("CLBlast", "clblast"), ("clBLAS", "clBLAS")):
+        if ctypes.util.find_library(lib):
+            return f"{name} (lib{lib}.so)"
+    return "none found: libgpuarray needs libclblast.so for matrix products on OpenCL"
+
+
 def info() -> dict:
-    """What this process runs on: device, floatX, BLAS, compiler, cache, versions, GPU probe.
+    """What this process runs on: device and its name, floatX, BLAS, compiler, cache, versions,
+    the GPU probes and which Theano fixes apply.
 
     Loads Theano with the default settings if no one did yet.
     """
     theano = load()
     cfg = theano.config
-    gpu, why = probe_gpu()
-    try:
-        blas_fallback = not bool(cfg.blas__ldflags)
-    except AttributeError:
-        blas_fallback = None
+    kind = device_kind(cfg.device)
+    n_cuda, why_cuda = probe_gpu("cuda")
+    n_ocl, why_ocl = probe_gpu("opencl")
+    name, blas = "host CPU (Theano's C backend)", host_blas(str(cfg.blas__ldflags))
+    if kind != "cpu":
+        from theano.gpuarray.type import get_context  # noqa: PLC0415
+        name, blas = str(get_context(None).devname), gpu_blas(kind)
+    backend = {"cpu": "C (CPU)", "cuda": "gpuarray (CUDA)", "opencl": "gpuarray (OpenCL)"}[kind]
     return {
         "device": str(cfg.device),
-        "backend": ("gpuarray (CUDA)" if str(cfg.device).startswith("cuda") else "C (CPU)")
-                   if cfg.cxx else "python (no C++ compiler found)",
+        "device_name": name,
+        "backend": backend if cfg.cxx else "python (no C++ compiler found)",
         "floatX": str(cfg.floatX),
+        "blas": blas,
         "blas_ldflags": str(cfg.blas__ldflags),
-        "blas": "numpy C-API fallback" if blas_fallback else "linked BLAS",
         "compiler": str(cfg.cxx),
         "gcc_cxxflags": str(cfg.gcc__cxxflags),
         "openmp": bool(cfg.openmp),
@@ -360,8 +358,11 @@ def info() -> dict:
         "base_compiledir": str(cfg.base_compiledir),
         "compiledir": str(cfg.compiledir),
         "theano_version": str(theano.__version__),
-        "gpu_present": bool(gpu),
-        "gpu_probe": why,
+        "gpu_present": bool(n_cuda),
+        "gpu_probe": why_cuda,
+        "opencl_probe": why_ocl,
+        "opencl_devices": n_ocl,
+        "theano_fixes": theano_fixes.status() if kind != "cpu" else "not needed on the cpu device",
         "python": sys.version.split()[0],
     }
 
