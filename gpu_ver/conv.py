@@ -23,8 +23,9 @@ second derivatives through them). Both are compiled (numba) loops over
 contiguous image rows, one pass over the large array; the same map written
 with Theano's subtensors needs a zero-padded copy of z in the forward pass,
 k^2 in-place increments of a padded gradient in the backward pass, and
-about a thousand more graph nodes for the optimiser. On CUDA (gpuarray) the
-subtensor form is used, which stays on the device.
+about a thousand more graph nodes for the optimiser. On a GPU device (CUDA or
+OpenCL) Theano's gpuarray optimiser replaces both ops by device kernels with
+the same arithmetic (``gpu_ver/conv_kernels.py``).
 
 The layout also makes a DenseNet's concatenation a copy of two contiguous
 blocks, a 1x1 convolution a plain product, and batch norm's per-channel
@@ -156,20 +157,6 @@ class ShiftStack(_ShiftOp):
         return [(self.k * self.k, *shapes[0])]
 
 
-def _shift_sum_subtensors(z, k, H, W):
-    """(2) with Theano's own ops (for devices where a host op would copy): a zero-padded
-    copy of z and the sum of k^2 shifted slices."""
-    p = k // 2
-    zp = T.zeros((z.shape[0], z.shape[1], z.shape[2], H + 2 * p, W + 2 * p), dtype=z.dtype)
-    zp = T.set_subtensor(zp[:, :, :, p:p + H, p:p + W], z)
-    out = None
-    for i in range(k):
-        for j in range(k):
-            s = zp[i * k + j, :, :, i:i + H, j:j + W]
-            out = s if out is None else out + s
-    return out
-
-
 def conv_gemm(x, W, n, hw, cin, cout, k):
     """'Same' cross-correlation of CNHW ``x`` (cin, n, H, W) with ``W`` (cout, cin, k, k):
     (1) as one product, then (2). ``n`` may be symbolic; k = 1 is the product alone."""
@@ -178,6 +165,9 @@ def conv_gemm(x, W, n, hw, cin, cout, k):
     if k == 1:
         return T.dot(W.reshape((cout, cin)), rows).reshape((cout, n, H, Wd))
     z = T.dot(W.dimshuffle(2, 3, 0, 1).reshape((k * k * cout, cin)), rows).reshape((k * k, cout, n, H, Wd))
-    if str(theano.config.device).startswith(("cuda", "gpu")):
-        return _shift_sum_subtensors(z, k, H, Wd)
     return ShiftSum(k)(z)
+
+
+if config.on_gpu(theano):
+    from gpu_ver import conv_kernels  # noqa: E402  (needs pygpu, present on a GPU device)
+    conv_kernels.register({ShiftSum: conv_kernels.GpuShiftSum, ShiftStack: conv_kernels.GpuShiftStack})

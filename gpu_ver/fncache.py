@@ -19,10 +19,16 @@ that cannot be read or does not fit is ignored and replaced; files are
 written atomically. The cache is used only when every shared variable of the
 graph has a distinct name (otherwise the swap could not be matched), and can
 be turned off with ``HPO_FUNCTION_CACHE=0``.
+
+On a GPU device the compiled function refers to pygpu's device context, which
+cannot be pickled ("Cannot pickle GpuContext object"): it is stored as a
+reference to Theano's context name and re-attached to this process's context
+of that name when the file is read (``_Pickler``/``_Unpickler``).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -123,6 +129,40 @@ def _in_big_stack(fn):
     return out["v"]
 
 
+class _Pickler(pickle.Pickler):
+    """Pickles a GPU device context as its Theano context name (persistent id)."""
+
+    def persistent_id(self, obj):
+        if type(obj).__name__ != "GpuContext":
+            return None
+        from theano.gpuarray.type import get_context, list_contexts  # noqa: PLC0415
+        for name in list_contexts():
+            if get_context(name) is obj:
+                return ("gpu-context", name)
+        raise pickle.PicklingError("a GPU context that Theano did not register")
+
+
+class _Unpickler(pickle.Unpickler):
+    """Re-attaches a stored context name to this process's context of that name."""
+
+    def persistent_load(self, pid):
+        kind, name = pid
+        if kind != "gpu-context":
+            raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
+        from theano.gpuarray.type import get_context  # noqa: PLC0415
+        return get_context(name)
+
+
+def dumps(obj) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def loads(data: bytes):
+    return _Unpickler(io.BytesIO(data)).load()
+
+
 def cache_dir() -> Path:
     return Path(theano.config.compiledir) / "hpo-functions"
 
@@ -150,7 +190,7 @@ def function(inputs, outputs, updates=(), name=None, on_unused_input=None, mode=
     by_name = {s.name: s for s in shared}
     if path.exists():
         try:
-            f = _in_big_stack(lambda: pickle.loads(path.read_bytes()))
+            f = _in_big_stack(lambda: loads(path.read_bytes()))
             theirs = f.get_shared()
             if sorted(s.name for s in theirs) == sorted(names):
                 return f.copy(swap={s: by_name[s.name] for s in theirs})
@@ -159,7 +199,7 @@ def function(inputs, outputs, updates=(), name=None, on_unused_input=None, mode=
             _log.warning("function cache: cannot load %s (%s); recompiling", path, e)
     f = compile_()
     try:
-        write_bytes_atomic(path, _in_big_stack(lambda: pickle.dumps(f, protocol=pickle.HIGHEST_PROTOCOL)))
+        write_bytes_atomic(path, _in_big_stack(lambda: dumps(f)))
     except Exception as e:  # noqa: BLE001 (the cache is an optimisation)
         _log.warning("function cache: cannot store %s (%s)", path, e)
     return f
