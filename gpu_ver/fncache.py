@@ -4,9 +4,10 @@ Theano caches the C code of each op, but optimises the graph again in every
 process; for the DenseNet-40 training step that is 45 of the 50 seconds a
 second run waits. ``function`` keeps the optimised function itself: the
 first call compiles and pickles it under ``<compiledir>/hpo-functions/``,
-later calls with the same graph unpickle it (Theano then links the stored
-graph without optimising it again, ``reoptimize_unpickled_function=False``)
-and swap in the caller's shared variables (``Function.copy(swap=...)``).
+later calls with the same graph unpickle its ``FunctionMaker`` (the optimised
+graph, not optimised again: ``reoptimize_unpickled_function=False``), put the
+caller's shared variables in place of the stored ones and link it once
+(``_link_with``).
 Every function ``gpu_ver`` compiles goes through it (training, DrMAD, the
 online methods, ``models.Functions``).
 
@@ -172,6 +173,25 @@ def _shared_of(inputs, outputs, updates) -> list:
     return [v for v in graph_inputs(roots) if isinstance(v, SharedVariable)]
 
 
+def _link_with(maker, by_name):
+    """Link a stored (unpickled, unlinked) ``FunctionMaker`` on the caller's shared
+    variables: each stored shared input gets the caller's variable and its storage
+    (``container``), so the function reads and updates the caller's state. The graph is
+    not touched (the linker binds graph inputs to the storage passed to ``create``). This is
+    what ``Function.copy(swap=...)`` achieves, but the function is linked once, where
+    unpickling a ``Function`` and copying it linked it twice (linking makes every C thunk,
+    and on a GPU device compiles or loads every kernel)."""
+    for inp in maker.inputs:
+        stored = inp.variable
+        if not isinstance(stored, SharedVariable):
+            continue
+        mine = by_name[stored.name]
+        if mine.type != stored.type:
+            raise TypeError(f"shared variable {stored.name}: type {mine.type} != stored {stored.type}")
+        inp.variable, inp.value = mine, mine.container
+    return maker.create([i.value for i in maker.inputs])
+
+
 def function(inputs, outputs, updates=(), name=None, on_unused_input=None, mode=None):
     """``theano.function(inputs, outputs, updates=updates, name=name, on_unused_input=...,
     mode=...)``, through the cache. A function compiled with an explicit ``mode`` (a
@@ -190,16 +210,16 @@ def function(inputs, outputs, updates=(), name=None, on_unused_input=None, mode=
     by_name = {s.name: s for s in shared}
     if path.exists():
         try:
-            f = _in_big_stack(lambda: loads(path.read_bytes()))
-            theirs = f.get_shared()
+            maker = _in_big_stack(lambda: loads(path.read_bytes()))
+            theirs = [i.variable for i in maker.inputs if isinstance(i.variable, SharedVariable)]
             if sorted(s.name for s in theirs) == sorted(names):
-                return f.copy(swap={s: by_name[s.name] for s in theirs})
+                return _link_with(maker, by_name)
             _log.warning("function cache: %s does not fit this graph; recompiling", path)
         except Exception as e:  # noqa: BLE001 (any unreadable entry is recompiled)
             _log.warning("function cache: cannot load %s (%s); recompiling", path, e)
     f = compile_()
     try:
-        write_bytes_atomic(path, _in_big_stack(lambda: dumps(f)))
+        write_bytes_atomic(path, _in_big_stack(lambda: dumps(f.maker)))
     except Exception as e:  # noqa: BLE001 (the cache is an optimisation)
         _log.warning("function cache: cannot store %s (%s)", path, e)
     return f

@@ -101,10 +101,19 @@ def log_softmax(logits):
     return z - T.log(T.exp(z).sum(axis=1, keepdims=True))
 
 
+def nll_per_example(logits, y):
+    """-log softmax(logits)[n, y_n] for each example n, as the row sum of log softmax times
+    the one-hot matrix of y. The value is the same (the other terms are exact zeros); the
+    graph is elementwise ops and a sum, which a GPU device runs, where indexing by y and
+    its gradient (``AdvancedIncSubtensor``) would stay on the host."""
+    hot = T.eq(y.dimshuffle(0, "x"), T.arange(logits.shape[1]).dimshuffle("x", 0))
+    return -(log_softmax(logits) * T.cast(hot, logits.dtype)).sum(axis=1)
+
+
 def cross_entropy(logits, y):
     """Mean over the batch of -log softmax(logits)[n, y_n] (twice differentiable, unlike
-    ``T.nnet.categorical_crossentropy``; THEANO.md)."""
-    return -log_softmax(logits)[T.arange(y.shape[0]), y].mean()
+    ``T.nnet.categorical_crossentropy``; docs/THEANO.md)."""
+    return nll_per_example(logits, y).mean()
 
 
 def batch_norm(x, scale, shift, stats=None, eps=BN_EPS, axis=1):
@@ -615,7 +624,7 @@ def compile_evaluate(state: SGDState, model=None):
         raise ConfigError("compile_evaluate: the model's parameter layout differs from the state's")
     X, y = m.input_var("X"), T.lvector("y")
     logits, _ = m.forward(split(state.w, m.layout), X, state.bn if m.n_bn else None)
-    ce = -log_softmax(logits)[T.arange(y.shape[0]), y]
+    ce = nll_per_example(logits, y)
     err = T.neq(T.argmax(logits, axis=1), y)
     return fncache.function([X, y], [ce, err], name="evaluate")
 
