@@ -236,7 +236,7 @@ def table(res) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="DenseNet-10, batch 32, 3 steps")
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+    p.add_argument("--device", default=None, choices=("cpu", "cuda", "opencl"),
                    help="Theano device for the Theano workers (default $HPO_DEVICE, else cpu)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     p.add_argument("--depth", type=int, default=None)

@@ -545,16 +545,19 @@ class SGDState:
     (``compile_evaluate``), and never enter gradients or hypergradients.
     """
 
-    def __init__(self, model, w0, lr=0.1, l2=0.0):
+    def __init__(self, model, w0, lr=0.1, l2=0.0, host=False):
+        """``host``: keep the state in host memory even on a GPU device (for comparing a
+        step compiled for the device with the same step on the C backend)."""
         fx = floatX()
         size = model.layout.size
+        shared = theano.tensor._shared if host else theano.shared
         self.model = model
-        self.w = theano.shared(np.asarray(w0, fx), name="w")
-        self.v = theano.shared(np.zeros(size, fx), name="v")
-        self.lr = theano.shared(np.asarray(lr, fx), name="lr")
-        self.l2 = theano.shared(np.ascontiguousarray(np.broadcast_to(np.asarray(l2, fx), (size,))), name="l2")
-        self.bn = [(theano.shared(np.zeros(c, fx), name=f"bn{i}.mean"),
-                    theano.shared(np.ones(c, fx), name=f"bn{i}.var"))
+        self.w = shared(np.asarray(w0, fx), name="w")
+        self.v = shared(np.zeros(size, fx), name="v")
+        self.lr = shared(np.asarray(lr, fx), name="lr")
+        self.l2 = shared(np.ascontiguousarray(np.broadcast_to(np.asarray(l2, fx), (size,))), name="l2")
+        self.bn = [(shared(np.zeros(c, fx), name=f"bn{i}.mean"),
+                    shared(np.ones(c, fx), name=f"bn{i}.var"))
                    for i, c in enumerate(model.bn_channels)]
 
     def get_arrays(self) -> dict:
@@ -582,8 +585,9 @@ class SGDState:
         return [(m.get_value(), s.get_value()) for m, s in self.bn]
 
 
-def compile_sgd_step(state: SGDState, momentum=0.9, nesterov=True, bn_momentum=BN_MOMENTUM):
+def compile_sgd_step(state: SGDState, momentum=0.9, nesterov=True, bn_momentum=BN_MOMENTUM, mode=None):
     """``step(X, y) -> [loss, nll, n_errors]`` updating ``state`` in place (one Theano call).
+    ``mode``: a Theano compile mode (then the function cache is not used).
 
     g = grad_w CE + 2 l2 w;  v <- mu v + g;
     w <- w - lr (g + mu v_new)  (Nesterov, torch/Sutskever form)  or  w - lr v_new.
@@ -606,7 +610,7 @@ def compile_sgd_step(state: SGDState, momentum=0.9, nesterov=True, bn_momentum=B
         updates += [(rm, (1 - bn_momentum) * rm + bn_momentum * mu),
                     (rv, (1 - bn_momentum) * rv + bn_momentum * unbiased)]
     n_err = T.neq(T.argmax(logits, axis=1), y).sum()
-    return fncache.function([X, y], [loss, nll, n_err], updates=updates, name="sgd_step")
+    return fncache.function([X, y], [loss, nll, n_err], updates=updates, name="sgd_step", mode=mode)
 
 
 def _bn_shapes(model):
