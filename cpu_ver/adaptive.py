@@ -110,7 +110,7 @@ import numpy as np
 
 from cpu_ver import models as _models
 from cpu_ver import online_kernels as _kernels
-from shared.errors import ConfigError, check_finite
+from shared.errors import ConfigError, check_finite, check_loss
 from shared.layout import ParamLayout
 from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
     CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
@@ -1027,7 +1027,7 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     def record(t, w, state):
         """Evaluate first, then append everything (an interruption leaves no half record)."""
         tl = model.nll(w, Xe, ye)
-        check_finite("training loss", tl, t)
+        check_loss("training loss", tl, t)
         row = {"step": t, "train_loss": tl, "val_loss": model.nll(w, Xv, yv) if len(yv) else float("nan"),
                "val_error": model.error(w, Xv, yv) if len(yv) else float("nan")}
         if record_hypers:

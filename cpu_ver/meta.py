@@ -22,15 +22,14 @@ is in the checkpoint, and every training run is seeded.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from cpu_ver import drmad, reversible
+from cpu_ver import drmad, reversible, sgd
 from cpu_ver.problem import Problem
+from shared.cli import option_identity
 from shared.errors import ConfigError, NonFiniteError
 from shared.meta_opt import clip_by_norm, make_optimizer
 from shared.records import load_checkpoint, save_checkpoint
@@ -54,8 +53,12 @@ def evaluate(problem: Problem, w) -> dict:
     return out
 
 
-def _fingerprint(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def evaluate_hypers(problem: Problem, hypers) -> dict:
+    """``evaluate`` at the weights a plain training run with ``hypers`` reaches: the
+    figures of the hyperparameters a run saves (its last update is made after the last
+    hypergradient, so the history does not hold them)."""
+    w, _, _ = sgd.train(problem, hypers)
+    return evaluate(problem, w)
 
 
 def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_opts=None,
@@ -80,11 +83,11 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
     keys = ("train_loss", "val_loss", "test_error", "hypergradient_norm", "meta_objective")
     history = {k: [] for k in keys}
     start = 0
-    fp = _fingerprint(config or {})
+    ident = option_identity(config or {})      # one key per option: a refused resume names it
     if resume:
         if checkpoint is None or not Path(checkpoint).exists():
             raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
-        arrays, meta = load_checkpoint(checkpoint, expect={"config": fp})
+        arrays, meta = load_checkpoint(checkpoint, expect=ident)
         x = arrays["hypers"]
         state = {k[len("opt_"):]: arrays[k] for k in arrays if k.startswith("opt_")}
         history = {k: list(arrays["hist_" + k]) for k in keys}
@@ -110,7 +113,7 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
         if checkpoint is not None:
             arrays = {"hypers": x, **{"opt_" + k: np.asarray(v) for k, v in state.items()},
                       **{"hist_" + k: np.asarray(v, float) for k, v in history.items()}}
-            save_checkpoint(checkpoint, arrays, {"config": fp, "meta_iter": i + 1})
+            save_checkpoint(checkpoint, arrays, {**ident, "meta_iter": i + 1})
         if on_iter is not None:
             on_iter(i, hypers, history)
     return hypers, history

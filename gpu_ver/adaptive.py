@@ -57,7 +57,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from gpu_ver import config
-from shared.errors import ConfigError, NonFiniteError, check_finite
+from shared.errors import ConfigError, NonFiniteError, check_finite, check_loss
 from shared.layout import ParamLayout
 from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
     CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
@@ -1118,7 +1118,7 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     def record(t):
         """Evaluate first, then append everything (an interruption leaves no half record)."""
         tl, _ = run.evaluate(Xe, ye, eval_batch)
-        check_finite("training loss", tl, t)
+        check_loss("training loss", tl, t)
         vl, ve = run.evaluate(Xv, yv, eval_batch)
         row = {"step": t, "train_loss": tl, "val_loss": vl, "val_error": ve,
                "batch_loss": float(np.mean(acc)) if acc else float("nan")}

@@ -43,6 +43,7 @@ import numpy as np
 from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_checkpoint_arguments,
                            check_checkpoint_options, check_validation_split, method_kwargs, resolve_run_dir,
                            run_identity, stop_for_baseline)
+from shared.cli import add_overwrite_argument, invocation
 from shared.errors import ConfigError
 
 
@@ -67,7 +68,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--layers", default=None, help="MLP hidden sizes, e.g. 50 or 100,100 (default 50)")
     a("--activation", default=None, choices=("tanh", "relu", "softplus"),
       help="default relu (densenet), tanh (mlp)")
-    a("--dataset", default="auto", choices=("auto", "synthetic", "cifar10", "digits"),
+    a("--dataset", default="auto", choices=("auto", "synthetic-images", "cifar10", "digits"),
       help="auto (default): cifar10 when --data-dir is given, else synthetic images for densenet, "
            "digits for mlp")
     a("--data-dir", default=None, help="CIFAR-10 folder or tarball (shared.datasets.load('cifar10'))")
@@ -104,6 +105,8 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--eval-batch", type=int, default=500, help="evaluation chunk size (default 500)")
     a("--no-baseline", dest="baseline", action="store_false", help="skip the plain optimiser's run")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    if not _has(parser, "--overwrite"):
+        add_overwrite_argument(a)
     add_checkpoint_arguments(a)
     return parser
 
@@ -120,8 +123,8 @@ def load_data(args):
 
     name = args.dataset
     if name == "auto":
-        name = "cifar10" if args.data_dir else ("synthetic" if args.model == "densenet" else "digits")
-    if name == "synthetic":
+        name = "cifar10" if args.data_dir else ("synthetic-images" if args.model == "densenet" else "digits")
+    if name == "synthetic-images":
         from gpu_ver.train import synthetic_images  # noqa: PLC0415
 
         if args.image_size < 4 or args.image_size % 4:
@@ -305,7 +308,7 @@ def run_adaptive(args) -> dict:
     conf = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
     conf.update(model_description=model.describe(), method_config=method.config, data=ds.describe(),
                 floatX=str(theano.config.floatX), device=str(theano.config.device))
-    argv = ["python", "-m", "gpu_ver", *args._argv] if hasattr(args, "_argv") else list(sys.argv)
+    argv = invocation("gpu_ver", getattr(args, "_argv", ["adaptive", *sys.argv[1:]]))
     write_results(run_dir, argv, conf, metrics, timings,
                   packages=("numpy", "scipy", "theano", "matplotlib"))
     line = (f"{args.method}: final train loss {metrics['final_train_loss']:.4f}, val loss "

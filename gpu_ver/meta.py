@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.cli import add_resume_argument, invocation, option_identity, parse_groups
 from shared.errors import ConfigError, NonFiniteError
 from shared.meta_opt import OPTIMIZERS, make_optimizer
 from shared.records import load_checkpoint, save_checkpoint
@@ -54,17 +55,14 @@ def clip(g: np.ndarray, max_norm=None, max_value=None) -> np.ndarray:
     return g
 
 
-def fingerprint(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def identity(engine, config: dict) -> dict:
-    """What a checkpoint must match to be resumed: model, layout, problem and settings."""
+    """What a checkpoint must match to be resumed: model, layout, problem and settings
+    (one key per option, so that a refusal names the option that differs)."""
     p = engine.problem
     lay = p.layout
     return {"kind": KIND, "model": p.model.describe(),
             "layout_sha256": hashlib.sha256(json.dumps(lay.to_json()).encode()).hexdigest()[:16],
-            "problem": p.describe(), "config": fingerprint(config)}
+            "problem": p.describe(), **option_identity(config)}
 
 
 HISTORY_KEYS = ("train_loss", "val_loss", "val_error", "test_error", "hypergradient_norm")
@@ -201,7 +199,7 @@ def add_drmad_arguments(p):
     p.add_argument("--meta-lr", type=float, default=0.05)
     p.add_argument("--clip", type=float, default=None, help="clip the hypergradient to this norm")
     p.add_argument("--clip-value", type=float, default=None, help="clip each hypergradient entry to +-this")
-    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint.npz")
+    add_resume_argument(p.add_argument)
     p.add_argument("--memory-steps", default=None,
                    help="measure peak memory of DrMAD (K=1) for these T, e.g. 100,1000,10000, instead")
     p.add_argument("--no-progress", action="store_true")
@@ -240,10 +238,7 @@ def build_problem(args):
         raise ConfigError(f"--momentum must lie in (0, 1), got {args.momentum}")
     if not (args.lr > 0 and args.l2 > 0):
         raise ConfigError(f"--lr and --l2 must be positive (they are tuned in log space), got {args.lr}, {args.l2}")
-    groups = tuple(g for g in str(args.hypers).split(",") if g)
-    bad = [g for g in groups if g not in D.GROUPS]
-    if bad or not groups:
-        raise ConfigError(f"--hypers: unknown groups {bad}; choose from {','.join(D.GROUPS)}")
+    groups = parse_groups(args.hypers, D.GROUPS)
     problem = D.Problem.from_dataset(model, data, n_iters=args.iters, batch_size=args.batch,
                                      batch_seed=args.seed, init_seed=args.seed, val_chunk=args.val_chunk)
     hypers = problem.hypers(lr=args.lr, momentum=args.momentum, l2=args.l2, groups=groups, l2_shape=args.l2_shape,
@@ -252,9 +247,7 @@ def build_problem(args):
 
 
 def _argv(args) -> list:
-    import sys  # noqa: PLC0415
-
-    return ["python", "-m", "gpu_ver", *getattr(args, "_argv", sys.argv[1:])]
+    return invocation("gpu_ver", getattr(args, "_argv", sys.argv[1:]))
 
 
 def _config(args) -> dict:
@@ -268,7 +261,7 @@ def run_drmad(args) -> int:
 
     from shared import records  # noqa: PLC0415
 
-    out = Path(args.out) if getattr(args, "out", None) else records.default_run_dir("drmad")
+    out = Path(args.out)          # resolved once by gpu_ver.__main__ (shared.cli.prepare_run_folder)
     if args.memory_steps:
         from gpu_ver import drmad as D  # noqa: PLC0415
 
@@ -309,12 +302,11 @@ def run_drmad(args) -> int:
               + ", ".join(f"{k} {v:.3e}" for k, v in metrics["hypergradient_norm"].items()))
     else:
         ckpt = out / "checkpoint.npz"
-        if ckpt.exists() and not args.resume:
-            raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
-        stable = {k: v for k, v in config.items() if k not in ("resume", "no_progress", "out", "meta_iters")}
+        stable = {k: v for k, v in config.items()
+                  if k not in ("resume", "no_progress", "out", "meta_iters", "overwrite")}
         t1 = time.perf_counter()
         hypers, hist = run(engine, hypers, n_meta=args.meta_iters, optimizer=args.optimizer, meta_lr=args.meta_lr,
-                           clip_norm=args.clip, clip_value=args.clip_value, checkpoint=ckpt, resume=args.resume,
+                           clip_norm=args.clip, clip_value=args.clip_value, checkpoint=ckpt, resume=args.resume is not None,
                            config=stable, progress=not args.no_progress)
         timings["meta_s"] = time.perf_counter() - t1
         hypers.save(out / "hypers")

@@ -33,7 +33,7 @@ import numpy as np
 
 from gpu_ver import config
 from shared import datasets, records
-from shared.errors import ConfigError, check_finite
+from shared.errors import ConfigError, check_loss
 from shared.mlp_spec import parse_layers
 
 CHECKPOINT = "checkpoint.npz"
@@ -51,7 +51,7 @@ class TrainConfig:
     compression: float = 1.0
     activation: str = "relu"
     hidden: str = "100"              # MLP hidden sizes, comma-separated ("" = logistic regression)
-    dataset: str = "cifar10"         # cifar10 | synthetic (CIFAR-format images)
+    dataset: str = "cifar10"         # cifar10 | synthetic-images (CIFAR-format images)
     data_dir: str | None = None
     n_train: int | None = None
     n_val: int | None = None
@@ -71,8 +71,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.model not in ("densenet", "mlp"):
             raise ConfigError(f"--model must be densenet or mlp, got {self.model!r}")
-        if self.dataset not in ("cifar10", "synthetic"):
-            raise ConfigError(f"--dataset must be cifar10 or synthetic, got {self.dataset!r}")
+        if self.dataset not in ("cifar10", "synthetic-images"):
+            raise ConfigError(f"--dataset must be cifar10 or synthetic-images, got {self.dataset!r}")
         for name in ("epochs", "batch", "eval_batch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -128,7 +128,7 @@ def synthetic_images(n_train=512, n_val=128, n_test=128, n_classes=10, size=32, 
 
 
 def load_data(cfg: TrainConfig) -> datasets.Dataset:
-    if cfg.dataset == "synthetic":
+    if cfg.dataset == "synthetic-images":
         return synthetic_images(cfg.n_train or 512, 128 if cfg.n_val is None else cfg.n_val,
                                 128 if cfg.n_test is None else cfg.n_test, size=cfg.image_size, seed=cfg.seed)
     return datasets.load("cifar10", cfg.data_dir, cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
@@ -190,7 +190,8 @@ def _resume_path(resume) -> Path:
 def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, progress=True) -> dict:
     """Train; write results/plots/checkpoints into ``run_dir``; return the results dict.
 
-    ``resume``: a checkpoint file (or a run folder holding ``checkpoint.npz``).
+    ``resume``: a checkpoint file (or a run folder holding ``checkpoint.npz``); the run
+    continues in ``run_dir``, which is that folder (the command's convention) or a new one.
     ``stop_after``: stop once this many steps (counted from step 0) are done, as
     an interruption would, leaving a checkpoint to resume from.
     """
@@ -200,7 +201,8 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
 
     fx = str(theano.config.floatX)
     run_dir = Path(run_dir)
-    _check_out(run_dir)
+    if resume is None or _resume_path(resume).parent.absolute() != run_dir.absolute():
+        _check_out(run_dir)                 # a new folder; a resumed run may continue in its own
     timings = {}
     t_start = time.perf_counter()
     data = load_data(cfg)
@@ -255,7 +257,7 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
             if cfg.augment:
                 Xb = datasets.augment_cifar(Xb, cfg.seed, step)
             loss, nll, n_err = step_fn(_as_input(model, Xb, fx), data.train.y[idx])
-            check_finite("training loss", loss, step + 1)
+            check_loss("training loss", loss, step + 1)
             acc[0], acc[1] = acc[0] + float(nll), acc[1] + int(n_err)
             if bar is not None:
                 bar.update(1)
