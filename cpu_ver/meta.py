@@ -22,6 +22,7 @@ is in the checkpoint, and every training run is seeded.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from cpu_ver.problem import Problem
 from shared.cli import option_identity
 from shared.errors import ConfigError, NonFiniteError
 from shared.meta_opt import clip_by_norm, make_optimizer
-from shared.records import load_checkpoint, save_checkpoint
+from shared.records import load_checkpoint, require_arrays, save_checkpoint
 
 
 def compute_hypergradient(problem: Problem, hypers, method: str, drmad_opts: dict):
@@ -67,7 +68,8 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
     """The meta-optimisation loop. Returns ``(final hypers, history dict)``.
 
     ``history`` has one entry per meta-iteration in ``train_loss``, ``val_loss``,
-    ``test_error``, ``hypergradient_norm`` and ``meta_objective``.
+    ``test_error``, ``hypergradient_norm``, ``meta_objective`` and ``seconds`` (its
+    duration, so that a resumed run's total counts the meta-iterations before the resume).
     """
     drmad_opts = dict(drmad_opts or {})
     if method == "drmad" and drmad_opts.get("velocity") == "ignore":
@@ -80,7 +82,7 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
     opt = make_optimizer(optimizer, meta_lr)
     x = hypers.flatten()
     state = opt.init(x)
-    keys = ("train_loss", "val_loss", "test_error", "hypergradient_norm", "meta_objective")
+    keys = ("train_loss", "val_loss", "test_error", "hypergradient_norm", "meta_objective", "seconds")
     history = {k: [] for k in keys}
     start = 0
     ident = option_identity(config or {})      # one key per option: a refused resume names it
@@ -88,6 +90,7 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
         if checkpoint is None or not Path(checkpoint).exists():
             raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
         arrays, meta = load_checkpoint(checkpoint, expect=ident)
+        require_arrays(checkpoint, arrays, ["hypers", *("hist_" + k for k in keys)])
         x = arrays["hypers"]
         state = {k[len("opt_"):]: arrays[k] for k in arrays if k.startswith("opt_")}
         history = {k: list(arrays["hist_" + k]) for k in keys}
@@ -95,6 +98,7 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
         hypers = hypers.unflatten(x)
     bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc=f"meta ({method})", disable=not progress)
     for i in bar:
+        t_iter = time.perf_counter()
         res = compute_hypergradient(problem, hypers, method, drmad_opts)
         g = hypers.flatten_free_grads(res.grads)
         if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
@@ -109,6 +113,7 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
             history[k].append(float(v))
         x, state = opt.update(x, clip_by_norm(g, clip), state)
         hypers = hypers.unflatten(x)
+        history["seconds"].append(time.perf_counter() - t_iter)     # kept across a resume, unlike a clock
         bar.set_postfix(val=f"{ev['val_loss']:.4f}", gnorm=f"{gnorm:.3g}")
         if checkpoint is not None:
             arrays = {"hypers": x, **{"opt_" + k: np.asarray(v) for k, v in state.items()},

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ import numpy as np
 from shared.cli import add_resume_argument, invocation, option_identity, parse_groups
 from shared.errors import ConfigError, NonFiniteError
 from shared.meta_opt import OPTIMIZERS, make_optimizer
-from shared.records import load_checkpoint, save_checkpoint
+from shared.records import load_checkpoint, require_arrays, save_checkpoint
 
 KIND = "gpu_ver.meta/1"
 
@@ -73,8 +74,8 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
         on_iter=None):
     """The meta-loop. Returns ``(final hypers, history)``; history has one entry per
     meta-iteration in ``HISTORY_KEYS`` (losses at the weights trained with that
-    iteration's hyperparameters) plus ``hypers_free`` (the tuned free vector before
-    the update)."""
+    iteration's hyperparameters) and ``seconds`` (its duration, so that a resumed run's
+    total counts the meta-iterations before the resume)."""
     if n_meta < 0:
         raise ConfigError(f"number of meta-iterations must be >= 0, got {n_meta}")
     if engine.velocity == "ignore":
@@ -85,18 +86,19 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
     opt = make_optimizer(optimizer, meta_lr)
     x = hypers.flatten()
     state = opt.init(x)
-    history = {k: [] for k in HISTORY_KEYS}
+    history = {k: [] for k in (*HISTORY_KEYS, "seconds")}
     start = 0
     ident = identity(engine, config or {})
     if resume:
         if checkpoint is None or not Path(checkpoint).exists():
             raise ConfigError(f"resume: no checkpoint at {checkpoint}")
         arrays, meta = load_checkpoint(checkpoint, expect=ident)
+        require_arrays(checkpoint, arrays, ["hypers", *("hist_" + k for k in history)])
         x = arrays["hypers"]
         if x.shape != (hypers.size,):
             raise ConfigError(f"{checkpoint}: {x.shape[0]} tuned hyperparameters, this run has {hypers.size}")
         state = {k[len("opt_"):]: arrays[k] for k in arrays if k.startswith("opt_")}
-        history = {k: [float(v) for v in arrays["hist_" + k]] for k in HISTORY_KEYS}
+        history = {k: [float(v) for v in arrays["hist_" + k]] for k in history}
         start = int(meta["meta_iter"])
         hypers = hypers.unflatten(x)
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -105,6 +107,7 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
     engine.f_eval            # compile the evaluation function now, never inside the loop
     bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc="meta (drmad)", disable=not progress)
     for i in bar:
+        t_iter = time.perf_counter()
         res = engine.hypergradient(hypers)
         g = hypers.flatten_free_grads({k: v for k, v in res.grads.items() if k in hypers.tuned})
         if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
@@ -117,6 +120,7 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
             history[k].append(float(v))
         x, state = opt.update(x, clip(g, clip_norm, clip_value), state)
         hypers = hypers.unflatten(x)
+        history["seconds"].append(time.perf_counter() - t_iter)     # kept across a resume, unlike a clock
         bar.set_postfix(val=f"{res.objective:.4f}", gnorm=f"{gnorm:.3g}")
         if checkpoint is not None:
             arrays = {"hypers": x, **{"opt_" + k: np.asarray(v) for k, v in state.items()},
@@ -257,8 +261,6 @@ def _config(args) -> dict:
 def run_drmad(args) -> int:
     """``python -m gpu_ver drmad``: one DrMAD hypergradient, a meta-optimisation run, or
     (``--memory-steps``) the peak-memory measurement."""
-    import time  # noqa: PLC0415
-
     from shared import records  # noqa: PLC0415
 
     out = Path(args.out)          # resolved once by gpu_ver.__main__ (shared.cli.prepare_run_folder)
@@ -308,7 +310,8 @@ def run_drmad(args) -> int:
         hypers, hist = run(engine, hypers, n_meta=args.meta_iters, optimizer=args.optimizer, meta_lr=args.meta_lr,
                            clip_norm=args.clip, clip_value=args.clip_value, checkpoint=ckpt, resume=args.resume is not None,
                            config=stable, progress=not args.no_progress)
-        timings["meta_s"] = time.perf_counter() - t1
+        timings["meta_s"] = float(sum(hist["seconds"]))      # every meta-iteration, also before a resume
+        timings["this_process_meta_s"] = time.perf_counter() - t1
         hypers.save(out / "hypers")
         if hist["val_loss"]:
             try:

@@ -314,6 +314,16 @@ def load_checkpoint(path, expect: dict | None = None) -> tuple:
     return arrays, meta
 
 
+def require_arrays(path, arrays: dict, names) -> None:
+    """DataError naming ``path`` and the first of ``names`` missing from a loaded checkpoint's
+    ``arrays`` (a file that loads but lacks an entry cannot be resumed from)."""
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise DataError(f"{path}: checkpoint has no {missing[0]!r} array"
+                        f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}; "
+                        "it cannot be resumed from")
+
+
 # ---------------------------------------------------------------------------
 # Figures
 

@@ -110,6 +110,14 @@ def test_empty_hypers_names_the_problem():
     assert cli.parse_groups(" l2, lr ", ("l2", "lr")) == ("l2", "lr")
 
 
+def test_empty_hypers_from_the_command_line_names_the_problem(tmp_path, capsys):
+    _refused(cpu_main.main, ["hypergrad", "--hypers", "", "--out", str(tmp_path / "c"), *CPU_TINY], capsys,
+             "--hypers", "names no group")
+    _refused(gpu_main.main, ["drmad", "--hypers", "", "--out", str(tmp_path / "g"), *CPU_TINY], capsys,
+             "--hypers", "names no group")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "g").exists()
+
+
 def test_hypergrad_with_no_training_examples_names_the_option(capsys, tmp_path):
     _refused(cpu_main.main, ["hypergrad", "--n-train", "0", "--out", str(tmp_path / "r")], capsys, "--n-train")
 
@@ -309,3 +317,42 @@ def test_check_loss_bounds():
         check_loss("loss", 2 * LOSS_BOUND, 4)
     with pytest.raises(NonFiniteError, match="non-finite loss at step 5"):
         check_loss("loss", float("nan"), 5)
+
+
+# --------------------------------------------------------------------------- API level (item 11)
+def test_meta_resume_from_a_checkpoint_without_history_is_a_named_error(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert cpu_main.main(["meta", "--out", str(out), "--meta-iters", "1", *CPU_TINY]) == 0
+    arrays, meta = records.load_checkpoint(out / "checkpoint.npz")
+    del arrays["hist_val_loss"]
+    records.save_checkpoint(out / "checkpoint.npz", arrays, meta)
+    capsys.readouterr()
+    _refused(cpu_main.main, ["meta", "--resume", str(out), "--meta-iters", "2", *CPU_TINY], capsys,
+             "checkpoint.npz", "hist_val_loss")
+
+
+def test_hypers_for_another_layout_or_step_count_are_refused():
+    """cpu_ver refuses them as gpu_ver does (shared.hyperparams.check_fits), before training."""
+    from cpu_ver import drmad, reversible, sgd
+
+    args = cpu_main.parser().parse_args(["hypergrad", *CPU_TINY])
+    problem, hypers, _ = cpu_main.build(args)
+    _, other_T, _ = cpu_main.build(cpu_main.parser().parse_args(["hypergrad", *CPU_TINY, "--iters", "12"]))
+    _, other_layout, _ = cpu_main.build(cpu_main.parser().parse_args(["hypergrad", *CPU_TINY,
+                                                                       "--layers", "64,13,10"]))
+    for run in (sgd.train, reversible.hypergradient, drmad.hypergradient):
+        with pytest.raises(ConfigError, match="12 training steps; this run has 8"):
+            run(problem, other_T)
+        with pytest.raises(ConfigError, match="another layout"):
+            run(problem, other_layout)
+
+
+def test_resumed_meta_timings_count_the_whole_run(tmp_path):
+    out = tmp_path / "m"
+    assert cpu_main.main(["meta", "--out", str(out), "--meta-iters", "1", *CPU_TINY]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert cpu_main.main(["meta", "--resume", str(out), "--meta-iters", "2", *CPU_TINY]) == 0
+    r = json.loads((out / "results.json").read_text())
+    seconds = r["metrics"]["seconds"]
+    assert len(seconds) == 2 and seconds[0] == first["metrics"]["seconds"][0]
+    assert r["timings"]["meta_s"] == pytest.approx(sum(seconds))
