@@ -132,6 +132,19 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
     return hypers, history
 
 
+def evaluate_hypers(engine, hypers) -> dict:
+    """Train loss, validation loss and error, test error at the weights a training run with
+    ``hypers`` reaches: the figures of the hyperparameters a run saves (its last update
+    comes after the last hypergradient, so the history does not hold them)."""
+    p = engine.problem
+    engine.forward(hypers)
+    val_loss, val_error = engine.validation(accumulate_grad=False)
+    out = {"train_loss": engine.evaluate(p.X_train, p.y_train)[0], "val_loss": val_loss, "val_error": val_error}
+    if p.y_test is not None and len(p.y_test):
+        out["test_error"] = engine.evaluate(p.X_test, p.y_test)[1]
+    return out
+
+
 def plot_history(history: dict, path, title="meta-optimisation (DrMAD)") -> None:
     import sys  # noqa: PLC0415
 
@@ -312,16 +325,19 @@ def run_drmad(args) -> int:
                            config=stable, progress=not args.no_progress)
         timings["meta_s"] = float(sum(hist["seconds"]))      # every meta-iteration, also before a resume
         timings["this_process_meta_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        final = evaluate_hypers(engine, hypers)          # the saved hyperparameters, after the last update
+        timings["final_s"] = time.perf_counter() - t1
         hypers.save(out / "hypers")
         if hist["val_loss"]:
             try:
                 plot_history(hist, out / "learning_curves.png")
             except ImportError:                      # e.g. a GPU machine without matplotlib
                 print("matplotlib not installed: learning_curves.png skipped", file=sys.stderr)
-            print(f"validation loss {hist['val_loss'][0]:.4f} -> {hist['val_loss'][-1]:.4f} over "
-                  f"{len(hist['val_loss'])} meta-iterations; test error {hist['test_error'][0]:.4f} -> "
-                  f"{hist['test_error'][-1]:.4f}")
-        metrics = {**hist, "learned": hypers.describe()}
+            print(f"validation loss {hist['val_loss'][0]:.4f} -> {final['val_loss']:.4f} over "
+                  f"{len(hist['val_loss'])} meta-iterations (the saved hyperparameters); test error "
+                  f"{hist['test_error'][0]:.4f} -> {final.get('test_error', float('nan')):.4f}")
+        metrics = {**hist, **{f"final_{k}": v for k, v in final.items()}, "learned": hypers.describe()}
     records.write_results(out, _argv(args), config, metrics, timings)
     print(f"results: {out / records.RESULTS_FILE}")
     return 0

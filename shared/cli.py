@@ -11,7 +11,12 @@ Both front ends call these before any work starts, so that bad input ends with o
   default name has a time stamp, so computing it twice gives two folders), checked
   to be writable, and refused when it holds another run's files (unless
   ``--overwrite``) or, for ``--resume``, when it holds no checkpoint;
-* ``invocation``: the command line as a person would paste it (``python -m cpu_ver ...``).
+  ``prepare_run_folder`` stores it in ``args.out``; ``add_resume_argument``: one
+  ``--resume [RUN_FOLDER]`` for every command that checkpoints;
+* ``option_identity``: what a checkpoint records of the options, one key per option, so
+  that a refused resume names the option that differs;
+* ``invocation``: the command line as a person would paste it (``python -m cpu_ver ...``);
+* ``run_guarded``: the common ending (``error: ...`` and 2; quiet on a closed stdout).
 
 Nothing here imports either backend.
 """

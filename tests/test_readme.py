@@ -16,7 +16,8 @@ cpu_ver hypergrad          8 steps, MLP 64-12-10, 200 / 100 examples
 cpu_ver check              10 training steps in the check problem
 cpu_ver adaptive           10 steps, 200 / 100 examples
 gpu_ver info               nothing (writes no folder without --out: ``FOLDERS``)
-gpu_ver train              1 epoch, 32 / 16 / 16 images of 8x8, batch 16
+gpu_ver train              1 epoch, 32 / 16 / 16 images of 8x8, batch 16, float64 (the type every
+                           other test compiles in, so a worker's compile cache has most modules)
 gpu_ver drmad              2 meta-iterations of 8 steps, MLP 64-12-10, 200 / 100 examples
 =========================  ===================================================================
 """
@@ -40,7 +41,7 @@ OVERRIDES = {
     ("cpu_ver", "adaptive"): ["--steps", "10", "--n-train", "200", "--n-val", "100", "--no-progress"],
     ("gpu_ver", "info"): [],
     ("gpu_ver", "train"): ["--epochs", "1", "--n-train", "32", "--n-val", "16", "--n-test", "16", "--batch", "16",
-                           "--eval-batch", "16", "--image-size", "8", "--no-progress"],
+                           "--eval-batch", "16", "--image-size", "8", "--floatX", "float64", "--no-progress"],
     ("gpu_ver", "drmad"): ["--meta-iters", "2", *MLP_TINY],
 }
 FOLDERS = {("gpu_ver", "info"): 0}      # run folders a command writes without --out (default 1)
@@ -79,7 +80,7 @@ def test_extraction():
     assert readme_commands(text) == [".venv/bin/python -m cpu_ver meta", "bash scripts/gpu/x.sh"]
 
 
-@pytest.mark.parametrize("line", COMMANDS)
+@pytest.mark.parametrize("line", COMMANDS, ids=[c.split(" -m ")[-1] for c in COMMANDS])
 def test_readme_command_runs_and_writes_one_run_folder(line, tmp_path):
     words = shlex.split(line)
     if words[0] == "bash":
