@@ -271,10 +271,11 @@ def run_adaptive(args) -> dict:
 
     t0 = time.perf_counter()
     res, run = phase("adaptive", method, args.stop_after, desc=args.method)
-    timings["train_s"] = time.perf_counter() - t0
+    timings["this_process_train_s"] = time.perf_counter() - t0
     if res["steps_done"] < args.steps:
         return stopped("adaptive", res["steps_done"])
     timings.update({f"adaptive_{k}": v for k, v in res.pop("timings").items()})
+    timings["train_s"] = timings.pop("adaptive_spent_s")        # the whole run, also before a resume
     metrics = dict(res)
     test_loss, test_err = run.evaluate(ds.test.X, ds.test.y, args.eval_batch)
     metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
@@ -291,10 +292,11 @@ def run_adaptive(args) -> dict:
         t0 = time.perf_counter()
         base, brun = phase("baseline", baseline_method(args, model.layout, ad), stop, record_hypers=False,
                            desc=base_name)
-        timings["baseline_s"] = time.perf_counter() - t0
+        timings["this_process_baseline_s"] = time.perf_counter() - t0
         if base["steps_done"] < args.steps:
             return stopped("baseline", base["steps_done"])
         timings.update({f"baseline_{k}": v for k, v in base.pop("timings").items()})
+        timings["baseline_s"] = timings.pop("baseline_spent_s")
         bl, be = brun.evaluate(ds.test.X, ds.test.y, args.eval_batch)
         metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
                                    final_val_loss=base["val_loss"][-1], final_val_error=base["val_error"][-1],

@@ -223,10 +223,12 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
     state = M.SGDState(model, model.init(cfg.seed), lr=cfg.lr, l2=cfg.weight_decay / 2)
     t0, hist, acc = 0, {k: [] for k in ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error",
                                          "test_loss", "test_error")}, [0.0, 0]
+    before = {"train_s": 0.0, "eval_s": 0.0}       # time spent before a resume (from the checkpoint)
     if resume is not None:
         arrays, meta = records.load_checkpoint(_resume_path(resume), expect=identity)
         state.set_arrays(arrays)
         t0, hist, acc = int(meta["step"]), meta["history"], list(meta["epoch_acc"])
+        before = {k: float(meta.get("spent", {}).get(k, 0.0)) for k in before}
     timings["setup_s"] = time.perf_counter() - t_start
 
     t = time.perf_counter()
@@ -237,9 +239,14 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
     records.make_run_dir(run_dir)
     ckpt = run_dir / CHECKPOINT
 
+    def spent():
+        """Training and evaluation seconds of the whole run so far, this process and before."""
+        return {"train_s": before["train_s"] + time.perf_counter() - t_train - t_eval,
+                "eval_s": before["eval_s"] + t_eval}
+
     def save(step):
         records.save_checkpoint(ckpt, state.get_arrays(),
-                                {**identity, "step": step, "history": hist, "epoch_acc": acc})
+                                {**identity, "step": step, "history": hist, "epoch_acc": acc, "spent": spent()})
 
     bar = None
     if progress:
@@ -280,9 +287,9 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
         if bar is not None:
             bar.close()
     save(step)
-    timings["train_s"] = time.perf_counter() - t_train - t_eval
-    timings["eval_s"] = t_eval
-    timings["step_s_mean"] = timings["train_s"] / max(step - t0, 1)
+    timings["this_process_train_s"] = time.perf_counter() - t_train - t_eval
+    timings.update(spent())                        # the whole run, also the part before a resume
+    timings["step_s_mean"] = timings["this_process_train_s"] / max(step - t0, 1)
     timings["total_s"] = time.perf_counter() - t_start
 
     w = state.w.get_value()

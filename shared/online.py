@@ -256,6 +256,13 @@ def curve_arrays(curves: dict, hyp: dict, record_hypers: bool) -> dict:
     return out
 
 
+def spent_before(resume) -> float:
+    """Seconds a resumed run spent before its checkpoint (0 for a new run): the
+    checkpoints of ``train_online`` record ``spent_s`` so that a resumed run's
+    timings count the whole run."""
+    return 0.0 if resume is None else float(resume[1].get("spent_s", 0.0))
+
+
 def record_due(t, eval_every, steps) -> bool:
     """Whether the curves are recorded after t steps: at 0, every ``eval_every``, at the end."""
     return t == 0 or t % eval_every == 0 or t == steps

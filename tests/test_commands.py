@@ -356,3 +356,14 @@ def test_resumed_meta_timings_count_the_whole_run(tmp_path):
     seconds = r["metrics"]["seconds"]
     assert len(seconds) == 2 and seconds[0] == first["metrics"]["seconds"][0]
     assert r["timings"]["meta_s"] == pytest.approx(sum(seconds))
+
+
+def test_resumed_adaptive_timings_count_the_whole_run(tmp_path):
+    out = tmp_path / "a"
+    argv = ["adaptive", "--steps", "10", "--n-train", "200", "--n-val", "100", "--no-progress", "--no-baseline"]
+    assert cpu_main.main([*argv, "--out", str(out), "--stop-after", "5"]) == 0
+    _, meta = records.load_checkpoint(out / "checkpoint-adaptive.npz")
+    assert cpu_main.main([*argv, "--resume", str(out)]) == 0
+    t = json.loads((out / "results.json").read_text())["timings"]
+    assert t["train_s"] > meta["spent_s"] > 0
+    assert t["train_s"] - meta["spent_s"] <= t["this_process_train_s"] + 1e-6

@@ -56,9 +56,12 @@ def test_resume_is_bit_identical(full, tmp_path):
 def test_resume_continues_in_its_own_folder(full, tmp_path):
     """``train --resume X --out X`` (the convention of every command that checkpoints)."""
     _, ref = full
-    run(tmp_path, "part", stop_after=10)
+    part = run(tmp_path, "part", stop_after=10)
     rest = run(tmp_path, "part", resume=tmp_path / "part")
     assert rest["metrics"]["completed"]
+    # the timings count the whole run, the part before the resume too
+    assert rest["timings"]["train_s"] == pytest.approx(
+        part["timings"]["train_s"] + rest["timings"]["this_process_train_s"], rel=1e-6, abs=0.05)
     assert rest["metrics"]["weights_sha256"] == ref["metrics"]["weights_sha256"]
     assert json.loads((tmp_path / "part" / "results.json").read_text())["metrics"]["completed"]
 
