@@ -321,8 +321,8 @@ def run_drmad(args) -> int:
                   if k not in ("resume", "no_progress", "out", "meta_iters", "overwrite")}
         t1 = time.perf_counter()
         hypers, hist = run(engine, hypers, n_meta=args.meta_iters, optimizer=args.optimizer, meta_lr=args.meta_lr,
-                           clip_norm=args.clip, clip_value=args.clip_value, checkpoint=ckpt, resume=args.resume is not None,
-                           config=stable, progress=not args.no_progress)
+                           clip_norm=args.clip, clip_value=args.clip_value, checkpoint=ckpt,
+                           resume=args.resume is not None, config=stable, progress=not args.no_progress)
         timings["meta_s"] = float(sum(hist["seconds"]))      # every meta-iteration, also before a resume
         timings["this_process_meta_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()

@@ -76,7 +76,8 @@ def test_readme_has_the_main_job_and_a_gpu_train_line():
 
 
 def test_extraction():
-    text = "x\n\n    bash scripts/setup.sh && .venv/bin/python -m cpu_ver meta\n\n  python -m no\n    bash scripts/gpu/x.sh\n"
+    text = ("x\n\n    bash scripts/setup.sh && .venv/bin/python -m cpu_ver meta\n\n  python -m no\n"
+            "    bash scripts/gpu/x.sh\n")
     assert readme_commands(text) == [".venv/bin/python -m cpu_ver meta", "bash scripts/gpu/x.sh"]
 
 
