@@ -1,9 +1,11 @@
-"""``python -m cpu_ver hypergrad|meta|check|adaptive`` (DESIGN.md, command-line contract).
+"""``python -m cpu_ver hypergrad|meta|check|adaptive`` (README.md, "Commands").
 
-Every command takes --seed, --out DIR (default runs/<command>-<time>) and
---help, shows progress bars, and writes DIR/results.json atomically with the
-keys command, versions, config, metrics and timings; PNG plots go beside it.
-Input problems end with a one-line ``error: ...`` on stderr and exit status 2.
+Every command takes --seed, --out DIR (default runs/<command>-<time>), --overwrite
+and --help, shows progress bars, and writes DIR/results.json atomically with the
+keys command, versions, config, metrics and timings; PNG plots, checkpoints and
+command.txt go beside it, all in that one folder. Input problems (checked before
+any work: option ranges, the run folder) end with a one-line ``error: ...`` on
+stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import ConfigError, HPOError
+from shared import cli
+from shared.errors import ConfigError
+from shared.online import CHECKPOINTS
 
 PACKAGES = ("numpy", "scipy", "autograd")
 GROUPS = ("l2", "lr", "momentum", "init_scale")
@@ -25,6 +29,7 @@ DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist
 def _common(p):
     p.add_argument("--seed", type=int, default=0, help="seed for data split, initial weights and batches")
     p.add_argument("--out", default=None, help="run folder (default runs/<command>-<time>)")
+    cli.add_overwrite_argument(p.add_argument)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -72,10 +77,7 @@ def build(args):
         raise ConfigError(f"--momentum must lie in (0, 1), got {args.momentum}")
     if not args.lr > 0 or not args.l2 > 0:
         raise ConfigError(f"--lr and --l2 must be positive (they are tuned in log space), got {args.lr}, {args.l2}")
-    groups = tuple(g for g in args.hypers.split(",") if g)
-    bad = [g for g in groups if g not in GROUPS]
-    if bad or not groups:
-        raise ConfigError(f"--hypers: unknown groups {bad}; choose from {','.join(GROUPS)}")
+    groups = cli.parse_groups(args.hypers, GROUPS)
     problem = Problem.from_dataset(model, data, n_iters=args.iters, batch_size=args.batch,
                                    batch_seed=args.seed, init_seed=args.seed, meta_objective=args.objective)
     hypers = standard(model.layout, args.iters, lr=args.lr, momentum=args.momentum, l2=args.l2,
@@ -89,16 +91,16 @@ def _drmad_opts(args):
 
 
 def _config(args, data=None):
-    cfg = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    cfg = {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}
     if data is not None:
         cfg["data"] = data.describe()
     return cfg
 
 
 def _finish(args, command, config, metrics, timings):
-    from shared.records import default_run_dir, make_run_dir, write_results
-    run_dir = make_run_dir(args.out or default_run_dir(command))
-    path = write_results(run_dir, sys.argv, config, metrics, timings, packages=PACKAGES)
+    from shared.records import write_results
+    run_dir = Path(args.out)
+    path = write_results(run_dir, record_argv(args), config, metrics, timings, packages=PACKAGES)
     print(f"results: {path}")
     return run_dir
 
@@ -161,31 +163,35 @@ def cmd_meta(args):
 
     problem, hypers, data = build(args)
     config = _config(args, data)
-    from shared.records import default_run_dir, make_run_dir
-    run_dir = make_run_dir(args.out or default_run_dir("meta"))
-    ckpt = run_dir / "checkpoint.npz"
-    if ckpt.exists() and not args.resume:
-        raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
-    stable = {k: v for k, v in config.items() if k not in ("resume", "progress", "out", "meta_iters")}
+    from shared.records import make_run_dir
+    run_dir = make_run_dir(args.out)          # resolved once, in main()
+    ckpt = run_dir / CHECKPOINT["meta"]
+    stable = {k: v for k, v in config.items() if k not in ("resume", "progress", "out", "meta_iters", "overwrite")}
     t0 = time.perf_counter()
     try:
         hypers, hist = meta.run(problem, hypers, n_meta=args.meta_iters, method=args.method,
                                 drmad_opts=_drmad_opts(args), optimizer=args.optimizer, meta_lr=args.meta_lr,
-                                clip=args.clip, checkpoint=ckpt, resume=args.resume, config=stable,
+                                clip=args.clip, checkpoint=ckpt, resume=args.resume is not None, config=stable,
                                 progress=args.progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same command plus --resume --out {run_dir}", file=sys.stderr)
         raise SystemExit(130)
-    timings = {"meta_s": time.perf_counter() - t0}
+    timings = {"meta_s": float(sum(hist["seconds"])), "this_process_meta_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    final = meta.evaluate_hypers(problem, hypers)       # the saved hyperparameters, after the last update
+    timings["final_s"] = time.perf_counter() - t0
     hypers.save(run_dir / "hypers")
-    plots.learning_curves(hist, run_dir / "learning_curves.png", f"meta-optimisation ({args.method}, {args.optimizer})")
+    plots.learning_curves(hist, run_dir / "learning_curves.png", f"meta-optimisation ({args.method}, {args.optimizer})",
+                          final=final)
     plots.hyperparameters(hypers, run_dir / "hyperparameters.png")
     metrics = dict(hist)
+    metrics.update({f"final_{k}": v for k, v in final.items()})
     metrics["learned"] = hypers.describe()
     if hist["val_loss"]:
-        print(f"validation loss {hist['val_loss'][0]:.4f} -> {hist['val_loss'][-1]:.4f} over "
-              f"{len(hist['val_loss'])} meta-iterations; test error {hist['test_error'][0]:.4f} -> "
-              f"{hist['test_error'][-1]:.4f}")
+        first_err = hist["test_error"][0]
+        print(f"validation loss {hist['val_loss'][0]:.4f} -> {final['val_loss']:.4f} over "
+              f"{len(hist['val_loss'])} meta-iterations (the saved hyperparameters); test error "
+              f"{first_err:.4f} -> {final.get('test_error', float('nan')):.4f}")
     _finish(args, "meta", config, metrics, timings)
 
 
@@ -250,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "sign"))
     m.add_argument("--meta-lr", type=float, default=0.05)
     m.add_argument("--clip", type=float, default=None, help="clip the hypergradient to this norm")
-    m.add_argument("--resume", action="store_true", help="continue from --out's checkpoint.npz")
+    cli.add_resume_argument(m.add_argument)
     m.set_defaults(func=cmd_meta)
 
     c = sub.add_parser("check", help="finite-difference checks of every hypergradient method")
@@ -266,13 +272,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# The checkpoint a command resumes from (commands without one cannot be resumed).
+CHECKPOINT = {"meta": "checkpoint.npz", "adaptive": CHECKPOINTS["adaptive"]}
+
+
+def record_argv(args) -> list:
+    """The command line for command.txt and results.json, as a person would paste it."""
+    return cli.invocation("cpu_ver", args._argv)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except HPOError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args._argv = argv
+
+    def work():
+        cli.check_options(args)
+        cli.prepare_run_folder(args, args.command, CHECKPOINT.get(args.command))
+        return args.func(args)
+    return cli.run_guarded(work)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ hypergradients`` to 1e-10).
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable, NamedTuple, Optional
 
@@ -110,13 +111,13 @@ import numpy as np
 
 from cpu_ver import models as _models
 from cpu_ver import online_kernels as _kernels
-from shared.errors import ConfigError, check_finite
+from shared.errors import ConfigError, check_finite, check_loss
 from shared.layout import ParamLayout
 from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
     CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
     CheckProblem, OneStep, build_check_problem, fd_check, fd_directional)
 from shared.online import GRANULARITY_ALIASES as _GRANULARITY_ALIASES
-from shared.online import check_validation_split, curve_arrays, record_due, restore_curves
+from shared.online import check_validation_split, curve_arrays, record_due, restore_curves, spent_before
 from shared.online import check_clip as _check_clip
 from shared.online import check_decay as _check_decay
 from shared.online import check_l2 as _check_l2
@@ -1004,6 +1005,7 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     if checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     layout = model.layout
+    t_start, before = time.perf_counter(), spent_before(resume)
     w = model.init(seed)
     state = method.init(w)
     Xe, ye = (X, y) if eval_train_n is None else (X[:eval_train_n], y[:eval_train_n])
@@ -1022,12 +1024,13 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
             return
         arrays, structure = state_arrays(state)
         arrays.update(curve_arrays(curves, hyp, record_hypers), w=w)
-        save_checkpoint(checkpoint, arrays, {**(identity or {}), "step": step, "state": structure})
+        save_checkpoint(checkpoint, arrays, {**(identity or {}), "step": step, "state": structure,
+                                             "spent_s": before + time.perf_counter() - t_start})
 
     def record(t, w, state):
         """Evaluate first, then append everything (an interruption leaves no half record)."""
         tl = model.nll(w, Xe, ye)
-        check_finite("training loss", tl, t)
+        check_loss("training loss", tl, t)
         row = {"step": t, "train_loss": tl, "val_loss": model.nll(w, Xv, yv) if len(yv) else float("nan"),
                "val_error": model.error(w, Xv, yv) if len(yv) else float("nan")}
         if record_hypers:
@@ -1070,7 +1073,7 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
         if bar is not None:
             bar.close()
     save(done, w, state)
-    out = dict(curves, steps_done=done)
+    out = dict(curves, steps_done=done, spent_s=before + time.perf_counter() - t_start)
     if record_hypers:
         out.update(hyp, blocks=list(layout.names), quantiles=list(QUANTILES))
     return out, w, state

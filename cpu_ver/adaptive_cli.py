@@ -32,6 +32,7 @@ from cpu_ver.models import MLP, parse_layers
 from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, check_checkpoint_options,
                            check_validation_split, method_kwargs, resolve_run_dir, run_identity,
                            stop_for_baseline)
+from shared.cli import add_overwrite_argument, invocation
 from shared.errors import ConfigError
 
 _DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -84,6 +85,8 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--eval-every", type=int, default=10, help="log curves every N steps (default 10)")
     a("--no-baseline", dest="baseline", action="store_false", help="skip the plain optimiser's run")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    if not _has(parser, "--overwrite"):
+        add_overwrite_argument(a)
     add_checkpoint_arguments(a)
     return parser
 
@@ -178,7 +181,8 @@ def run_adaptive(args) -> dict:
 
     t0 = time.perf_counter()
     res, w, state = phase("adaptive", method, args.stop_after, desc=args.method)
-    timings["train_s"] = time.perf_counter() - t0
+    timings["this_process_train_s"] = time.perf_counter() - t0
+    timings["train_s"] = res.pop("spent_s")            # the whole run, also the part before a resume
     if res["steps_done"] < args.steps:
         return stopped("adaptive", res["steps_done"])
     metrics = dict(res)
@@ -197,7 +201,8 @@ def run_adaptive(args) -> dict:
         t0 = time.perf_counter()
         base, wb, _ = phase("baseline", baseline_method(args, model.layout), stop, record_hypers=False,
                             desc=base_name)
-        timings["baseline_s"] = time.perf_counter() - t0
+        timings["this_process_baseline_s"] = time.perf_counter() - t0
+        timings["baseline_s"] = base.pop("spent_s")
         if base["steps_done"] < args.steps:
             return stopped("baseline", base["steps_done"])
         metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
@@ -205,9 +210,10 @@ def run_adaptive(args) -> dict:
     t0 = time.perf_counter()
     _plot(run_dir, res, base, args.method, base_name)
     timings["plots_s"] = time.perf_counter() - t0
-    config = {k: v for k, v in vars(args).items() if not callable(v)}
+    config = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
     config.update(layers=list(sizes), method_config=method.config, data=ds.describe())
-    write_results(run_dir, sys.argv, config, metrics, timings, packages=("numpy", "scipy", "autograd"))
+    argv = invocation("cpu_ver", getattr(args, "_argv", ["adaptive", *sys.argv[1:]]))
+    write_results(run_dir, argv, config, metrics, timings, packages=("numpy", "scipy", "autograd"))
     line = (f"{args.method}: final train loss {metrics['final_train_loss']:.4f}, val loss "
             f"{metrics['final_val_loss']:.4f}, val error {metrics['final_val_error']:.4f}")
     if base is not None:
@@ -221,7 +227,10 @@ def main(argv=None):
     """Stand-alone entry (``python -m cpu_ver.adaptive_cli``) until __main__ registers the command."""
     p = add_adaptive_arguments(argparse.ArgumentParser(prog="python -m cpu_ver adaptive", description=__doc__,
                                                        formatter_class=argparse.RawDescriptionHelpFormatter))
-    run_adaptive(p.parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args._argv = ["adaptive", *argv]
+    run_adaptive(args)
     return 0
 
 

@@ -22,18 +22,18 @@ is in the checkpoint, and every training run is seeded.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import time
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from cpu_ver import drmad, reversible
+from cpu_ver import drmad, reversible, sgd
 from cpu_ver.problem import Problem
+from shared.cli import option_identity
 from shared.errors import ConfigError, NonFiniteError
 from shared.meta_opt import clip_by_norm, make_optimizer
-from shared.records import load_checkpoint, save_checkpoint
+from shared.records import load_checkpoint, require_arrays, save_checkpoint
 
 
 def compute_hypergradient(problem: Problem, hypers, method: str, drmad_opts: dict):
@@ -54,8 +54,12 @@ def evaluate(problem: Problem, w) -> dict:
     return out
 
 
-def _fingerprint(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def evaluate_hypers(problem: Problem, hypers) -> dict:
+    """``evaluate`` at the weights a plain training run with ``hypers`` reaches: the
+    figures of the hyperparameters a run saves (its last update is made after the last
+    hypergradient, so the history does not hold them)."""
+    w, _, _ = sgd.train(problem, hypers)
+    return evaluate(problem, w)
 
 
 def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_opts=None,
@@ -64,7 +68,8 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
     """The meta-optimisation loop. Returns ``(final hypers, history dict)``.
 
     ``history`` has one entry per meta-iteration in ``train_loss``, ``val_loss``,
-    ``test_error``, ``hypergradient_norm`` and ``meta_objective``.
+    ``test_error``, ``hypergradient_norm``, ``meta_objective`` and ``seconds`` (its
+    duration, so that a resumed run's total counts the meta-iterations before the resume).
     """
     drmad_opts = dict(drmad_opts or {})
     if method == "drmad" and drmad_opts.get("velocity") == "ignore":
@@ -77,14 +82,15 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
     opt = make_optimizer(optimizer, meta_lr)
     x = hypers.flatten()
     state = opt.init(x)
-    keys = ("train_loss", "val_loss", "test_error", "hypergradient_norm", "meta_objective")
+    keys = ("train_loss", "val_loss", "test_error", "hypergradient_norm", "meta_objective", "seconds")
     history = {k: [] for k in keys}
     start = 0
-    fp = _fingerprint(config or {})
+    ident = option_identity(config or {})      # one key per option: a refused resume names it
     if resume:
         if checkpoint is None or not Path(checkpoint).exists():
             raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
-        arrays, meta = load_checkpoint(checkpoint, expect={"config": fp})
+        arrays, meta = load_checkpoint(checkpoint, expect=ident)
+        require_arrays(checkpoint, arrays, ["hypers", *("hist_" + k for k in keys)])
         x = arrays["hypers"]
         state = {k[len("opt_"):]: arrays[k] for k in arrays if k.startswith("opt_")}
         history = {k: list(arrays["hist_" + k]) for k in keys}
@@ -92,6 +98,7 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
         hypers = hypers.unflatten(x)
     bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc=f"meta ({method})", disable=not progress)
     for i in bar:
+        t_iter = time.perf_counter()
         res = compute_hypergradient(problem, hypers, method, drmad_opts)
         g = hypers.flatten_free_grads(res.grads)
         if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
@@ -106,11 +113,12 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
             history[k].append(float(v))
         x, state = opt.update(x, clip_by_norm(g, clip), state)
         hypers = hypers.unflatten(x)
+        history["seconds"].append(time.perf_counter() - t_iter)     # kept across a resume, unlike a clock
         bar.set_postfix(val=f"{ev['val_loss']:.4f}", gnorm=f"{gnorm:.3g}")
         if checkpoint is not None:
             arrays = {"hypers": x, **{"opt_" + k: np.asarray(v) for k, v in state.items()},
                       **{"hist_" + k: np.asarray(v, float) for k, v in history.items()}}
-            save_checkpoint(checkpoint, arrays, {"config": fp, "meta_iter": i + 1})
+            save_checkpoint(checkpoint, arrays, {**ident, "meta_iter": i + 1})
         if on_iter is not None:
             on_iter(i, hypers, history)
     return hypers, history

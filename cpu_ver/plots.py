@@ -15,15 +15,22 @@ def _plt():
     return plt
 
 
-def learning_curves(history: dict, path: Path, title: str = "") -> None:
-    """Train/validation loss, test error and hypergradient norm per meta-iteration."""
+def learning_curves(history: dict, path: Path, title: str = "", final: dict | None = None) -> None:
+    """Train/validation loss, test error and hypergradient norm per meta-iteration; ``final``
+    (``meta.evaluate_hypers`` of the saved hyperparameters) adds the point after the last update."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     it = np.arange(len(history["val_loss"]))
-    axes[0].plot(it, history["train_loss"], label="train loss")
-    axes[0].plot(it, history["val_loss"], label="validation loss")
-    axes[0].set_xlabel("meta-iteration"), axes[0].legend(), axes[0].set_title("cross-entropy")
-    axes[1].plot(it, history["test_error"], color="C2")
+    curves = {k: list(history[k]) for k in ("train_loss", "val_loss", "test_error")}
+    if final is not None:
+        for k in curves:
+            curves[k].append(final.get(k, float("nan")))
+    at = np.arange(len(curves["val_loss"]))
+    axes[0].plot(at, curves["train_loss"], label="train loss")
+    axes[0].plot(at, curves["val_loss"], label="validation loss")
+    axes[0].set_xlabel("meta-iteration (last: saved hyperparameters)" if final else "meta-iteration")
+    axes[0].legend(), axes[0].set_title("cross-entropy")
+    axes[1].plot(at, curves["test_error"], color="C2")
     axes[1].set_xlabel("meta-iteration"), axes[1].set_title("test error")
     axes[2].semilogy(it, np.maximum(history["hypergradient_norm"], 1e-300), color="C3")
     axes[2].set_xlabel("meta-iteration"), axes[2].set_title("hypergradient norm (free coords)")

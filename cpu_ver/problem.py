@@ -22,6 +22,7 @@ from cpu_ver.models import MLP
 from shared.datasets import Dataset, batch_indices
 from shared.errors import ConfigError
 from shared.exact_rep import momentum_numerator, D
+from shared.hyperparams import check_fits
 
 
 class Step(NamedTuple):
@@ -83,6 +84,9 @@ class Problem:
         return self.model.init_noise(self.init_seed)
 
     def w0(self, hypers) -> np.ndarray:
+        """The initial weights; every training run starts here, so ``hypers`` is checked here
+        to fit this model and number of steps."""
+        check_fits(hypers, self.model.layout, self.n_iters)
         return self.model.layout.expand(hypers.value("init_scale")) * self.init_noise()
 
 

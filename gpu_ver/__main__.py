@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gpu_ver import config
-from shared.errors import HPOError
+from shared import cli
+from shared.errors import ConfigError
 
 PROG = "python -m gpu_ver"
 
@@ -36,16 +37,18 @@ class Command:
     add_args: Callable          # (argparse.ArgumentParser) -> None
     run: Callable               # (argparse.Namespace) -> int
     default_floatX: str = "float64"
+    checkpoint: str | None = None       # the file --resume continues from (None: not resumable)
+    run_folder: bool = True             # writes a run folder even without --out
 
 
 def argv_record(args) -> list:
-    return [*PROG.split(), *args._argv]
+    """The command line for command.txt and results.json, as a person would paste it."""
+    return cli.invocation("gpu_ver", args._argv)
 
 
 def out_dir(args):
-    from shared import records  # noqa: PLC0415
-
-    return args.out if args.out else records.default_run_dir(args.command)
+    """The run folder (``main`` resolved ``--out`` once, before the command ran)."""
+    return args.out
 
 
 # --------------------------------------------------------------------------- info
@@ -87,8 +90,8 @@ def add_train_args(p):
     p.add_argument("--compression", type=float, default=1.0, help="theta in (0, 1] at transitions (DenseNet-C)")
     p.add_argument("--activation", default="relu", choices=["relu", "softplus", "tanh"])
     p.add_argument("--hidden", default="100", help="MLP hidden sizes, comma-separated")
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"],
-                   help="cifar10 (needs --data-dir) or synthetic (tiny CIFAR-format images)")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic-images"],
+                   help="cifar10 (needs --data-dir) or synthetic-images (tiny CIFAR-format images)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-val", type=int, default=None)
@@ -103,7 +106,7 @@ def add_train_args(p):
     p.add_argument("--augment", type=_bool, default=True, help="flips + translations (true/false)")
     p.add_argument("--eval-batch", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
-    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")
+    cli.add_resume_argument(p.add_argument)
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (leaves a checkpoint)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -113,7 +116,8 @@ def run_train(args) -> int:
 
     cfg = train.config_from_args(args)
     out = out_dir(args)
-    res = train.train(cfg, out, argv_record(args), resume=args.resume, stop_after=args.stop_after,
+    resume = None if args.resume is None else out        # a run continues in its own folder
+    res = train.train(cfg, out, argv_record(args), resume=resume, stop_after=args.stop_after,
                       progress=not args.no_progress)
     m = res["metrics"]
     print(f"{out}: {m['steps_done']}/{m['steps_total']} steps, final val error {m['final_val_error']}, "
@@ -131,16 +135,19 @@ def _lazy(module: str, name: str):
 
 # --------------------------------------------------------------------------- registry
 COMMANDS: dict = {
-    "info": Command("which Theano device, BLAS, compiler and cache are in use", add_info_args, run_info),
+    "info": Command("which Theano device, BLAS, compiler and cache are in use", add_info_args, run_info,
+                    run_folder=False),
     "train": Command("train DenseNet (or an MLP) on CIFAR-10 with checkpoints", add_train_args, run_train,
-                     default_floatX="float32"),
+                     default_floatX="float32", checkpoint="checkpoint.npz"),
     "drmad": Command("DrMAD hypergradients and meta-optimisation of L2 strengths (MLP or DenseNet)",
-                     _lazy("gpu_ver.meta", "add_drmad_arguments"), _lazy("gpu_ver.meta", "run_drmad")),
+                     _lazy("gpu_ver.meta", "add_drmad_arguments"), _lazy("gpu_ver.meta", "run_drmad"),
+                     checkpoint="checkpoint.npz"),
     "check": Command("finite-difference checks of this backend's hypergradients",
                      _lazy("gpu_ver.check", "add_check_arguments"), _lazy("gpu_ver.check", "run_check")),
     "adaptive": Command("online adaptation of learning rates and L2 strengths during training",
                         _lazy("gpu_ver.adaptive_cli", "add_adaptive_arguments"),
-                        _lazy("gpu_ver.adaptive_cli", "run_adaptive_command")),
+                        _lazy("gpu_ver.adaptive_cli", "run_adaptive_command"),
+                        checkpoint="checkpoint-adaptive.npz"),
     "devcheck": Command("a GPU device against Theano's C backend: DenseNet gradient, HVP, training step, host ops",
                         _lazy("gpu_ver.devcheck", "add_devcheck_arguments"),
                         _lazy("gpu_ver.devcheck", "run_devcheck"), default_floatX="float32"),
@@ -157,6 +164,7 @@ def add_common_args(p, cmd: Command):
                    help=f"Theano device: auto (CUDA if present, else cpu), cpu, cuda, opencl, or e.g. cuda1, opencl0:1 (default ${config.ENV_DEVICE} or auto)")
     p.add_argument("--floatX", default=None, choices=list(config.FLOATX),
                    help=f"Theano float type (default ${config.ENV_FLOATX} or {cmd.default_floatX})")
+    cli.add_overwrite_argument(p.add_argument)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,18 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _env_floatX():
+    """``$HPO_FLOATX`` (None when unset); ConfigError naming the variable for a bad value."""
+    v = os.environ.get(config.ENV_FLOATX)
+    if v and v not in config.FLOATX:
+        raise ConfigError(f"{config.ENV_FLOATX}={v} is not a float type; choose from {', '.join(config.FLOATX)}")
+    return v or None
+
+
+def _cache_setting() -> str:
+    """How the message names the compile cache: the variable when set, else 'Theano compile cache'."""
+    return config.ENV_CACHE if os.environ.get(config.ENV_CACHE) else "Theano compile cache"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args._argv = argv
     cmd = COMMANDS[args.command]
-    try:
-        floatX = args.floatX or os.environ.get(config.ENV_FLOATX) or cmd.default_floatX
+
+    def work():
+        cli.check_options(args)
+        floatX = args.floatX or _env_floatX() or cmd.default_floatX
+        cli.check_writable_folder(config.default_cache_dir(), _cache_setting())
+        if cmd.run_folder or args.out:
+            cli.prepare_run_folder(args, args.command, cmd.checkpoint)
         config.load(device=args.device, floatX=floatX)
-        return int(cmd.run(args) or 0)
-    except HPOError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cmd.run(args)
+    try:
+        return cli.run_guarded(work)
     except KeyboardInterrupt:
         print("interrupted (a checkpoint was written where the command supports it)", file=sys.stderr)
         return 130

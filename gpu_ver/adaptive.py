@@ -57,13 +57,13 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from gpu_ver import config
-from shared.errors import ConfigError, NonFiniteError, check_finite
+from shared.errors import ConfigError, NonFiniteError, check_finite, check_loss
 from shared.layout import ParamLayout
 from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
     CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
     CheckProblem, OneStep, build_check_problem, fd_check, fd_directional)
 from shared.online import GRANULARITY_ALIASES as _GRANULARITY_ALIASES
-from shared.online import check_validation_split, curve_arrays, record_due, restore_curves
+from shared.online import check_validation_split, curve_arrays, record_due, restore_curves, spent_before
 from shared.online import check_clip as _check_clip
 from shared.online import check_decay as _check_decay
 from shared.online import check_l2 as _check_l2
@@ -1093,7 +1093,7 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     if checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     layout = model.layout
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), spent_before(resume)
     run = OnlineRun(model, method, model.init(seed) if w0 is None else w0)
     compile_s = time.perf_counter() - t0
     Xe, ye = (X, y) if eval_train_n is None else (X[:eval_train_n], y[:eval_train_n])
@@ -1113,12 +1113,13 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
             return
         arrays = {f"run/{k}": v for k, v in run.get_arrays().items()}
         arrays.update(curve_arrays(curves, hyp, record_hypers), acc=np.asarray(acc, float))
-        save_checkpoint(checkpoint, arrays, {**(identity or {}), "step": step})
+        save_checkpoint(checkpoint, arrays, {**(identity or {}), "step": step,
+                                             "spent_s": before + time.perf_counter() - t0})
 
     def record(t):
         """Evaluate first, then append everything (an interruption leaves no half record)."""
         tl, _ = run.evaluate(Xe, ye, eval_batch)
-        check_finite("training loss", tl, t)
+        check_loss("training loss", tl, t)
         vl, ve = run.evaluate(Xv, yv, eval_batch)
         row = {"step": t, "train_loss": tl, "val_loss": vl, "val_error": ve,
                "batch_loss": float(np.mean(acc)) if acc else float("nan")}
@@ -1174,5 +1175,6 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     if record_hypers:
         out.update(hyp, blocks=list(layout.names), quantiles=list(QUANTILES))
     out["steps_done"] = done
-    out["timings"] = {"compile_s": compile_s, "step_s_mean": step_s / max(done - start, 1), "eval_s": eval_s}
+    out["timings"] = {"compile_s": compile_s, "step_s_mean": step_s / max(done - start, 1), "eval_s": eval_s,
+                      "spent_s": before + time.perf_counter() - t0}     # the whole run, also before a resume
     return out, run

@@ -43,6 +43,7 @@ import numpy as np
 from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_checkpoint_arguments,
                            check_checkpoint_options, check_validation_split, method_kwargs, resolve_run_dir,
                            run_identity, stop_for_baseline)
+from shared.cli import add_overwrite_argument, invocation
 from shared.errors import ConfigError
 
 
@@ -67,7 +68,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--layers", default=None, help="MLP hidden sizes, e.g. 50 or 100,100 (default 50)")
     a("--activation", default=None, choices=("tanh", "relu", "softplus"),
       help="default relu (densenet), tanh (mlp)")
-    a("--dataset", default="auto", choices=("auto", "synthetic", "cifar10", "digits"),
+    a("--dataset", default="auto", choices=("auto", "synthetic-images", "cifar10", "digits"),
       help="auto (default): cifar10 when --data-dir is given, else synthetic images for densenet, "
            "digits for mlp")
     a("--data-dir", default=None, help="CIFAR-10 folder or tarball (shared.datasets.load('cifar10'))")
@@ -104,6 +105,8 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--eval-batch", type=int, default=500, help="evaluation chunk size (default 500)")
     a("--no-baseline", dest="baseline", action="store_false", help="skip the plain optimiser's run")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    if not _has(parser, "--overwrite"):
+        add_overwrite_argument(a)
     add_checkpoint_arguments(a)
     return parser
 
@@ -120,8 +123,8 @@ def load_data(args):
 
     name = args.dataset
     if name == "auto":
-        name = "cifar10" if args.data_dir else ("synthetic" if args.model == "densenet" else "digits")
-    if name == "synthetic":
+        name = "cifar10" if args.data_dir else ("synthetic-images" if args.model == "densenet" else "digits")
+    if name == "synthetic-images":
         from gpu_ver.train import synthetic_images  # noqa: PLC0415
 
         if args.image_size < 4 or args.image_size % 4:
@@ -268,10 +271,11 @@ def run_adaptive(args) -> dict:
 
     t0 = time.perf_counter()
     res, run = phase("adaptive", method, args.stop_after, desc=args.method)
-    timings["train_s"] = time.perf_counter() - t0
+    timings["this_process_train_s"] = time.perf_counter() - t0
     if res["steps_done"] < args.steps:
         return stopped("adaptive", res["steps_done"])
     timings.update({f"adaptive_{k}": v for k, v in res.pop("timings").items()})
+    timings["train_s"] = timings.pop("adaptive_spent_s")        # the whole run, also before a resume
     metrics = dict(res)
     test_loss, test_err = run.evaluate(ds.test.X, ds.test.y, args.eval_batch)
     metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
@@ -288,10 +292,11 @@ def run_adaptive(args) -> dict:
         t0 = time.perf_counter()
         base, brun = phase("baseline", baseline_method(args, model.layout, ad), stop, record_hypers=False,
                            desc=base_name)
-        timings["baseline_s"] = time.perf_counter() - t0
+        timings["this_process_baseline_s"] = time.perf_counter() - t0
         if base["steps_done"] < args.steps:
             return stopped("baseline", base["steps_done"])
         timings.update({f"baseline_{k}": v for k, v in base.pop("timings").items()})
+        timings["baseline_s"] = timings.pop("baseline_spent_s")
         bl, be = brun.evaluate(ds.test.X, ds.test.y, args.eval_batch)
         metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
                                    final_val_loss=base["val_loss"][-1], final_val_error=base["val_error"][-1],
@@ -305,7 +310,7 @@ def run_adaptive(args) -> dict:
     conf = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
     conf.update(model_description=model.describe(), method_config=method.config, data=ds.describe(),
                 floatX=str(theano.config.floatX), device=str(theano.config.device))
-    argv = ["python", "-m", "gpu_ver", *args._argv] if hasattr(args, "_argv") else list(sys.argv)
+    argv = invocation("gpu_ver", getattr(args, "_argv", ["adaptive", *sys.argv[1:]]))
     write_results(run_dir, argv, conf, metrics, timings,
                   packages=("numpy", "scipy", "theano", "matplotlib"))
     line = (f"{args.method}: final train loss {metrics['final_train_loss']:.4f}, val loss "

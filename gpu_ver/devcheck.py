@@ -151,8 +151,8 @@ def run_devcheck(args) -> int:
     t = time.perf_counter()
     res = check(args.depth, args.growth, args.image_size, args.batch, seed=args.seed, parts=parts)
     print_table(res)
-    records.write_results(args.out or records.default_run_dir("devcheck"), ["python", "-m", "gpu_ver", *args._argv],
-                          vars_config(args), res,
+    from gpu_ver.__main__ import argv_record, out_dir  # noqa: PLC0415
+    records.write_results(out_dir(args), argv_record(args), vars_config(args), res,
                           {"total_s": round(time.perf_counter() - t, 1)})
     return 0 if res["ok"] else 1
 

@@ -69,7 +69,7 @@ from gpu_ver import config
 from shared.datasets import Dataset, batch_indices
 from shared.errors import ConfigError, NonFiniteError
 from shared.exact_rep import quantised_momentum
-from shared.hyperparams import HyperParams, standard
+from shared.hyperparams import HyperParams, check_fits, standard
 
 theano = config.load()
 T = theano.tensor
@@ -265,8 +265,7 @@ class DrMAD:
             raise ConfigError(f"DrMAD grid must be one of {GRIDS}, got {grid!r}")
         if velocity not in VELOCITIES:
             raise ConfigError(f"DrMAD velocity must be one of {VELOCITIES}, got {velocity!r}")
-        if hypers.layout != problem.layout or hypers.n_iters != problem.n_iters:
-            raise ConfigError("hyperparameters were built for another layout or number of steps")
+        check_fits(hypers, problem.layout, problem.n_iters)
         check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
         self.problem, self.grid, self.velocity = problem, grid, velocity
         self.shapes = {n: hypers.group(n).shape for n in GROUPS}
@@ -378,8 +377,7 @@ class DrMAD:
 
     # -- host helpers --------------------------------------------------------------------------
     def _check_hypers(self, hypers):
-        if hypers.layout != self.problem.layout or hypers.n_iters != self.problem.n_iters:
-            raise ConfigError("hyperparameters were built for another layout or number of steps")
+        check_fits(hypers, self.problem.layout, self.problem.n_iters)
         got = {n: hypers.group(n).shape for n in GROUPS}
         if got != self.shapes:
             raise ConfigError(f"hyperparameter shapes {got} differ from the compiled ones {self.shapes}")

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_ver import config
+from shared.notice import slow_notice
 from shared.records import write_bytes_atomic
 
 theano = config.load()
@@ -130,6 +131,9 @@ def _in_big_stack(fn):
     return out["v"]
 
 
+NOTICE_AFTER_S = 2.0     # a compile longer than this says so on stderr (shared.notice.slow_notice)
+
+
 class _Pickler(pickle.Pickler):
     """Pickles a GPU device context as its Theano context name (persistent id)."""
 
@@ -197,8 +201,11 @@ def function(inputs, outputs, updates=(), name=None, on_unused_input=None, mode=
     mode=...)``, through the cache. A function compiled with an explicit ``mode`` (a
     debugging or profiling mode) is not cached."""
     updates = list(updates)
-    compile_ = lambda: theano.function(inputs, outputs, updates=updates, name=name,  # noqa: E731
-                                       on_unused_input=on_unused_input, mode=mode)
+
+    def compile_():
+        with slow_notice(name or "a Theano function", after=NOTICE_AFTER_S):     # a first compile is silent
+            return theano.function(inputs, outputs, updates=updates, name=name,
+                                   on_unused_input=on_unused_input, mode=mode)
     if os.environ.get(ENV_SWITCH, "1") == "0" or mode is not None:
         return compile_()
     shared = _shared_of(inputs, outputs, updates)

@@ -28,13 +28,15 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
+from shared.cli import add_resume_argument, invocation, option_identity, parse_groups
 from shared.errors import ConfigError, NonFiniteError
 from shared.meta_opt import OPTIMIZERS, make_optimizer
-from shared.records import load_checkpoint, save_checkpoint
+from shared.records import load_checkpoint, require_arrays, save_checkpoint
 
 KIND = "gpu_ver.meta/1"
 
@@ -54,17 +56,14 @@ def clip(g: np.ndarray, max_norm=None, max_value=None) -> np.ndarray:
     return g
 
 
-def fingerprint(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def identity(engine, config: dict) -> dict:
-    """What a checkpoint must match to be resumed: model, layout, problem and settings."""
+    """What a checkpoint must match to be resumed: model, layout, problem and settings
+    (one key per option, so that a refusal names the option that differs)."""
     p = engine.problem
     lay = p.layout
     return {"kind": KIND, "model": p.model.describe(),
             "layout_sha256": hashlib.sha256(json.dumps(lay.to_json()).encode()).hexdigest()[:16],
-            "problem": p.describe(), "config": fingerprint(config)}
+            "problem": p.describe(), **option_identity(config)}
 
 
 HISTORY_KEYS = ("train_loss", "val_loss", "val_error", "test_error", "hypergradient_norm")
@@ -75,8 +74,8 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
         on_iter=None):
     """The meta-loop. Returns ``(final hypers, history)``; history has one entry per
     meta-iteration in ``HISTORY_KEYS`` (losses at the weights trained with that
-    iteration's hyperparameters) plus ``hypers_free`` (the tuned free vector before
-    the update)."""
+    iteration's hyperparameters) and ``seconds`` (its duration, so that a resumed run's
+    total counts the meta-iterations before the resume)."""
     if n_meta < 0:
         raise ConfigError(f"number of meta-iterations must be >= 0, got {n_meta}")
     if engine.velocity == "ignore":
@@ -87,18 +86,19 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
     opt = make_optimizer(optimizer, meta_lr)
     x = hypers.flatten()
     state = opt.init(x)
-    history = {k: [] for k in HISTORY_KEYS}
+    history = {k: [] for k in (*HISTORY_KEYS, "seconds")}
     start = 0
     ident = identity(engine, config or {})
     if resume:
         if checkpoint is None or not Path(checkpoint).exists():
             raise ConfigError(f"resume: no checkpoint at {checkpoint}")
         arrays, meta = load_checkpoint(checkpoint, expect=ident)
+        require_arrays(checkpoint, arrays, ["hypers", *("hist_" + k for k in history)])
         x = arrays["hypers"]
         if x.shape != (hypers.size,):
             raise ConfigError(f"{checkpoint}: {x.shape[0]} tuned hyperparameters, this run has {hypers.size}")
         state = {k[len("opt_"):]: arrays[k] for k in arrays if k.startswith("opt_")}
-        history = {k: [float(v) for v in arrays["hist_" + k]] for k in HISTORY_KEYS}
+        history = {k: [float(v) for v in arrays["hist_" + k]] for k in history}
         start = int(meta["meta_iter"])
         hypers = hypers.unflatten(x)
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -107,6 +107,7 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
     engine.f_eval            # compile the evaluation function now, never inside the loop
     bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc="meta (drmad)", disable=not progress)
     for i in bar:
+        t_iter = time.perf_counter()
         res = engine.hypergradient(hypers)
         g = hypers.flatten_free_grads({k: v for k, v in res.grads.items() if k in hypers.tuned})
         if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
@@ -119,6 +120,7 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
             history[k].append(float(v))
         x, state = opt.update(x, clip(g, clip_norm, clip_value), state)
         hypers = hypers.unflatten(x)
+        history["seconds"].append(time.perf_counter() - t_iter)     # kept across a resume, unlike a clock
         bar.set_postfix(val=f"{res.objective:.4f}", gnorm=f"{gnorm:.3g}")
         if checkpoint is not None:
             arrays = {"hypers": x, **{"opt_" + k: np.asarray(v) for k, v in state.items()},
@@ -128,6 +130,19 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
             on_iter(i, hypers, history)
     bar.close()
     return hypers, history
+
+
+def evaluate_hypers(engine, hypers) -> dict:
+    """Train loss, validation loss and error, test error at the weights a training run with
+    ``hypers`` reaches: the figures of the hyperparameters a run saves (its last update
+    comes after the last hypergradient, so the history does not hold them)."""
+    p = engine.problem
+    engine.forward(hypers)
+    val_loss, val_error = engine.validation(accumulate_grad=False)
+    out = {"train_loss": engine.evaluate(p.X_train, p.y_train)[0], "val_loss": val_loss, "val_error": val_error}
+    if p.y_test is not None and len(p.y_test):
+        out["test_error"] = engine.evaluate(p.X_test, p.y_test)[1]
+    return out
 
 
 def plot_history(history: dict, path, title="meta-optimisation (DrMAD)") -> None:
@@ -201,7 +216,7 @@ def add_drmad_arguments(p):
     p.add_argument("--meta-lr", type=float, default=0.05)
     p.add_argument("--clip", type=float, default=None, help="clip the hypergradient to this norm")
     p.add_argument("--clip-value", type=float, default=None, help="clip each hypergradient entry to +-this")
-    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint.npz")
+    add_resume_argument(p.add_argument)
     p.add_argument("--memory-steps", default=None,
                    help="measure peak memory of DrMAD (K=1) for these T, e.g. 100,1000,10000, instead")
     p.add_argument("--no-progress", action="store_true")
@@ -240,10 +255,7 @@ def build_problem(args):
         raise ConfigError(f"--momentum must lie in (0, 1), got {args.momentum}")
     if not (args.lr > 0 and args.l2 > 0):
         raise ConfigError(f"--lr and --l2 must be positive (they are tuned in log space), got {args.lr}, {args.l2}")
-    groups = tuple(g for g in str(args.hypers).split(",") if g)
-    bad = [g for g in groups if g not in D.GROUPS]
-    if bad or not groups:
-        raise ConfigError(f"--hypers: unknown groups {bad}; choose from {','.join(D.GROUPS)}")
+    groups = parse_groups(args.hypers, D.GROUPS)
     problem = D.Problem.from_dataset(model, data, n_iters=args.iters, batch_size=args.batch,
                                      batch_seed=args.seed, init_seed=args.seed, val_chunk=args.val_chunk)
     hypers = problem.hypers(lr=args.lr, momentum=args.momentum, l2=args.l2, groups=groups, l2_shape=args.l2_shape,
@@ -252,9 +264,7 @@ def build_problem(args):
 
 
 def _argv(args) -> list:
-    import sys  # noqa: PLC0415
-
-    return ["python", "-m", "gpu_ver", *getattr(args, "_argv", sys.argv[1:])]
+    return invocation("gpu_ver", getattr(args, "_argv", sys.argv[1:]))
 
 
 def _config(args) -> dict:
@@ -264,11 +274,9 @@ def _config(args) -> dict:
 def run_drmad(args) -> int:
     """``python -m gpu_ver drmad``: one DrMAD hypergradient, a meta-optimisation run, or
     (``--memory-steps``) the peak-memory measurement."""
-    import time  # noqa: PLC0415
-
     from shared import records  # noqa: PLC0415
 
-    out = Path(args.out) if getattr(args, "out", None) else records.default_run_dir("drmad")
+    out = Path(args.out)          # resolved once by gpu_ver.__main__ (shared.cli.prepare_run_folder)
     if args.memory_steps:
         from gpu_ver import drmad as D  # noqa: PLC0415
 
@@ -309,24 +317,27 @@ def run_drmad(args) -> int:
               + ", ".join(f"{k} {v:.3e}" for k, v in metrics["hypergradient_norm"].items()))
     else:
         ckpt = out / "checkpoint.npz"
-        if ckpt.exists() and not args.resume:
-            raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
-        stable = {k: v for k, v in config.items() if k not in ("resume", "no_progress", "out", "meta_iters")}
+        stable = {k: v for k, v in config.items()
+                  if k not in ("resume", "no_progress", "out", "meta_iters", "overwrite")}
         t1 = time.perf_counter()
         hypers, hist = run(engine, hypers, n_meta=args.meta_iters, optimizer=args.optimizer, meta_lr=args.meta_lr,
-                           clip_norm=args.clip, clip_value=args.clip_value, checkpoint=ckpt, resume=args.resume,
-                           config=stable, progress=not args.no_progress)
-        timings["meta_s"] = time.perf_counter() - t1
+                           clip_norm=args.clip, clip_value=args.clip_value, checkpoint=ckpt,
+                           resume=args.resume is not None, config=stable, progress=not args.no_progress)
+        timings["meta_s"] = float(sum(hist["seconds"]))      # every meta-iteration, also before a resume
+        timings["this_process_meta_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        final = evaluate_hypers(engine, hypers)          # the saved hyperparameters, after the last update
+        timings["final_s"] = time.perf_counter() - t1
         hypers.save(out / "hypers")
         if hist["val_loss"]:
             try:
                 plot_history(hist, out / "learning_curves.png")
             except ImportError:                      # e.g. a GPU machine without matplotlib
                 print("matplotlib not installed: learning_curves.png skipped", file=sys.stderr)
-            print(f"validation loss {hist['val_loss'][0]:.4f} -> {hist['val_loss'][-1]:.4f} over "
-                  f"{len(hist['val_loss'])} meta-iterations; test error {hist['test_error'][0]:.4f} -> "
-                  f"{hist['test_error'][-1]:.4f}")
-        metrics = {**hist, "learned": hypers.describe()}
+            print(f"validation loss {hist['val_loss'][0]:.4f} -> {final['val_loss']:.4f} over "
+                  f"{len(hist['val_loss'])} meta-iterations (the saved hyperparameters); test error "
+                  f"{hist['test_error'][0]:.4f} -> {final.get('test_error', float('nan')):.4f}")
+        metrics = {**hist, **{f"final_{k}": v for k, v in final.items()}, "learned": hypers.describe()}
     records.write_results(out, _argv(args), config, metrics, timings)
     print(f"results: {out / records.RESULTS_FILE}")
     return 0

@@ -33,7 +33,7 @@ import numpy as np
 
 from gpu_ver import config
 from shared import datasets, records
-from shared.errors import ConfigError, check_finite
+from shared.errors import ConfigError, check_loss
 from shared.mlp_spec import parse_layers
 
 CHECKPOINT = "checkpoint.npz"
@@ -51,7 +51,7 @@ class TrainConfig:
     compression: float = 1.0
     activation: str = "relu"
     hidden: str = "100"              # MLP hidden sizes, comma-separated ("" = logistic regression)
-    dataset: str = "cifar10"         # cifar10 | synthetic (CIFAR-format images)
+    dataset: str = "cifar10"         # cifar10 | synthetic-images (CIFAR-format images)
     data_dir: str | None = None
     n_train: int | None = None
     n_val: int | None = None
@@ -71,8 +71,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.model not in ("densenet", "mlp"):
             raise ConfigError(f"--model must be densenet or mlp, got {self.model!r}")
-        if self.dataset not in ("cifar10", "synthetic"):
-            raise ConfigError(f"--dataset must be cifar10 or synthetic, got {self.dataset!r}")
+        if self.dataset not in ("cifar10", "synthetic-images"):
+            raise ConfigError(f"--dataset must be cifar10 or synthetic-images, got {self.dataset!r}")
         for name in ("epochs", "batch", "eval_batch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -128,7 +128,7 @@ def synthetic_images(n_train=512, n_val=128, n_test=128, n_classes=10, size=32, 
 
 
 def load_data(cfg: TrainConfig) -> datasets.Dataset:
-    if cfg.dataset == "synthetic":
+    if cfg.dataset == "synthetic-images":
         return synthetic_images(cfg.n_train or 512, 128 if cfg.n_val is None else cfg.n_val,
                                 128 if cfg.n_test is None else cfg.n_test, size=cfg.image_size, seed=cfg.seed)
     return datasets.load("cifar10", cfg.data_dir, cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
@@ -190,7 +190,8 @@ def _resume_path(resume) -> Path:
 def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, progress=True) -> dict:
     """Train; write results/plots/checkpoints into ``run_dir``; return the results dict.
 
-    ``resume``: a checkpoint file (or a run folder holding ``checkpoint.npz``).
+    ``resume``: a checkpoint file (or a run folder holding ``checkpoint.npz``); the run
+    continues in ``run_dir``, which is that folder (the command's convention) or a new one.
     ``stop_after``: stop once this many steps (counted from step 0) are done, as
     an interruption would, leaving a checkpoint to resume from.
     """
@@ -200,7 +201,8 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
 
     fx = str(theano.config.floatX)
     run_dir = Path(run_dir)
-    _check_out(run_dir)
+    if resume is None or _resume_path(resume).parent.absolute() != run_dir.absolute():
+        _check_out(run_dir)                 # a new folder; a resumed run may continue in its own
     timings = {}
     t_start = time.perf_counter()
     data = load_data(cfg)
@@ -221,10 +223,12 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
     state = M.SGDState(model, model.init(cfg.seed), lr=cfg.lr, l2=cfg.weight_decay / 2)
     t0, hist, acc = 0, {k: [] for k in ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error",
                                          "test_loss", "test_error")}, [0.0, 0]
+    before = {"train_s": 0.0, "eval_s": 0.0}       # time spent before a resume (from the checkpoint)
     if resume is not None:
         arrays, meta = records.load_checkpoint(_resume_path(resume), expect=identity)
         state.set_arrays(arrays)
         t0, hist, acc = int(meta["step"]), meta["history"], list(meta["epoch_acc"])
+        before = {k: float(meta.get("spent", {}).get(k, 0.0)) for k in before}
     timings["setup_s"] = time.perf_counter() - t_start
 
     t = time.perf_counter()
@@ -235,9 +239,14 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
     records.make_run_dir(run_dir)
     ckpt = run_dir / CHECKPOINT
 
+    def spent():
+        """Training and evaluation seconds of the whole run so far, this process and before."""
+        return {"train_s": before["train_s"] + time.perf_counter() - t_train - t_eval,
+                "eval_s": before["eval_s"] + t_eval}
+
     def save(step):
         records.save_checkpoint(ckpt, state.get_arrays(),
-                                {**identity, "step": step, "history": hist, "epoch_acc": acc})
+                                {**identity, "step": step, "history": hist, "epoch_acc": acc, "spent": spent()})
 
     bar = None
     if progress:
@@ -255,7 +264,7 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
             if cfg.augment:
                 Xb = datasets.augment_cifar(Xb, cfg.seed, step)
             loss, nll, n_err = step_fn(_as_input(model, Xb, fx), data.train.y[idx])
-            check_finite("training loss", loss, step + 1)
+            check_loss("training loss", loss, step + 1)
             acc[0], acc[1] = acc[0] + float(nll), acc[1] + int(n_err)
             if bar is not None:
                 bar.update(1)
@@ -278,9 +287,9 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
         if bar is not None:
             bar.close()
     save(step)
-    timings["train_s"] = time.perf_counter() - t_train - t_eval
-    timings["eval_s"] = t_eval
-    timings["step_s_mean"] = timings["train_s"] / max(step - t0, 1)
+    timings["this_process_train_s"] = time.perf_counter() - t_train - t_eval
+    timings.update(spent())                        # the whole run, also the part before a resume
+    timings["step_s_mean"] = timings["this_process_train_s"] / max(step - t0, 1)
     timings["total_s"] = time.perf_counter() - t_start
 
     w = state.w.get_value()

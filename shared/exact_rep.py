@@ -368,11 +368,13 @@ class ExactRep:
             from shared import exact_kernels as K
             a = np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=np.float64), self.c.shape))
             r = int(K.add_kernel(self.c, a, sign))
+            if r == -1:
+                return self
+            i = r if r >= 0 else -r - 2
+            self.c[:i] -= sign * to_fixed(a[:i])        # the kernel stopped at entry i: undo 0..i-1
             if r >= 0:
                 to_fixed(a[r:r + 1], f"{what} of {self.name} (entry {r})", step)   # raises, naming it
-            if r < -1:
-                self._overflow(step, what, -r - 2)
-            return self
+            self._overflow(step, what, i)
         inc = to_fixed(a, f"{what} of {self.name}", step)
         self.c = self._checked(self.c + inc if sign > 0 else self.c - inc, step, what)
         return self

@@ -704,6 +704,10 @@ class HyperParams:
                 arrays = {key: z[key] for _, _, _, key in specs}
         except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise ConfigError(f"hyperparameter file {npz_path} is corrupt: {e}") from None
+        for name, _, _, key in specs:
+            if arrays[key].dtype.kind not in "biuf":
+                raise ConfigError(f"hyperparameter file {npz_path}: group {name!r} holds {arrays[key].dtype} "
+                                  "values, not real numbers")
         try:
             groups = tuple(HyperGroup(n, tr, sh, arrays[k]) for n, tr, sh, k in specs)
             return cls(stored_layout, n_iters, groups, tuned)
@@ -714,6 +718,17 @@ class HyperParams:
         gs = ", ".join(f"{g.name}:{g.transform}:{g.shape}{list(g.free.shape)}" + ("" if g.name in self.tuned else "(fixed)")
                        for g in self.groups)
         return f"HyperParams(n_iters={self.n_iters}, params={self.layout.size}, groups=[{gs}])"
+
+
+def check_fits(hypers, layout: ParamLayout, n_iters: int) -> None:
+    """ConfigError unless ``hypers`` were built for ``layout`` and ``n_iters`` training steps
+    (both backends check this before training, instead of a numpy broadcast error or a
+    silently cut per-iteration schedule)."""
+    if hypers.layout != layout:
+        raise ConfigError(f"hyperparameters were built for another layout ({hypers.layout.size} parameters in "
+                          f"{hypers.layout.n_blocks} blocks); the model has {layout.size} in {layout.n_blocks}")
+    if hypers.n_iters != n_iters:
+        raise ConfigError(f"hyperparameters were built for {hypers.n_iters} training steps; this run has {n_iters}")
 
 
 def _paths(path) -> tuple:

@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from shared.cli import add_resume_argument, option_identity, prepare_run_folder
 from shared.errors import ConfigError
 from shared.fdcheck import directional_fd
 from shared.mlp_spec import MLPSpec
@@ -189,14 +190,14 @@ def check_validation_split(method_name: str, needs_val: bool, n_val: int) -> Non
 
 CHECKPOINTS = {"adaptive": "checkpoint-adaptive.npz", "baseline": "checkpoint-baseline.npz"}
 # Options that do not change what a run computes (a resumed run may change them).
-RUN_ONLY = ("out", "resume", "stop_after", "checkpoint_every", "progress", "device", "command")
+RUN_ONLY = ("out", "resume", "overwrite", "stop_after", "checkpoint_every", "progress", "device", "command")
 
 
 def run_identity(args, kind: str, **described) -> dict:
     """What a checkpoint must match to be resumed: ``kind``, every option of ``args`` that
     changes the run (all but ``RUN_ONLY``), and ``described`` (model, data, floatX ...)."""
-    opts = {f"option.{k}": v for k, v in sorted(vars(args).items())
-            if k not in RUN_ONLY and not k.startswith("_") and not callable(v)}
+    opts = option_identity({k: v for k, v in vars(args).items()
+                            if k not in RUN_ONLY and not k.startswith("_") and not callable(v)})
     return {"kind": kind, **opts, **described}   # one key per option: a refusal names it
 
 
@@ -206,37 +207,20 @@ def check_checkpoint_options(args) -> None:
 
 
 def resolve_run_dir(args):
-    """The run folder: ``--resume``'s (which must hold the adaptive run's checkpoint), or
-    ``--out`` (default runs/adaptive-<time>), which must not hold a checkpoint already."""
-    from pathlib import Path
+    """The run folder, made: ``--resume``'s (which must hold the adaptive run's checkpoint),
+    or ``--out`` (default runs/adaptive-<time>), which must not hold another run
+    (``shared.cli.prepare_run_folder``; the command line has resolved it already, and
+    resolving again gives the same folder)."""
+    from shared.records import make_run_dir
 
-    from shared.records import default_run_dir, make_run_dir
-
-    if args.resume is not None:
-        if not args.resume and not args.out:
-            raise ConfigError("--resume without a folder needs --out (the run folder to continue)")
-        d = Path(args.resume or args.out)
-        d = d.parent if d.is_file() else d
-        if not (d / CHECKPOINTS["adaptive"]).exists():
-            raise ConfigError(f"--resume {args.resume}: no {CHECKPOINTS['adaptive']} in {d}")
-        if args.out and Path(args.out).resolve() != d.resolve():
-            raise ConfigError(f"--out {args.out} differs from the folder being resumed ({d}); a run "
-                              "continues in its own folder")
-        return d
-    d = make_run_dir(args.out or default_run_dir("adaptive"))
-    held = [name for name in CHECKPOINTS.values() if (d / name).exists()]
-    if held:
-        raise ConfigError(f"{d} already holds {held[0]} of another run: continue it with --resume {d}, "
-                          "or choose another --out (nothing was overwritten)")
-    return d
+    return make_run_dir(prepare_run_folder(args, "adaptive", CHECKPOINTS["adaptive"]))
 
 
 def add_checkpoint_arguments(add) -> None:
     """``--checkpoint-every``, ``--resume``, ``--stop-after`` (``add``: a parser's add_argument)."""
     add("--checkpoint-every", type=int, default=0,
         help="steps between checkpoints (default 0: at the end of each run and when interrupted)")
-    add("--resume", nargs="?", const="", default=None, metavar="RUN_FOLDER",
-        help="continue the run in RUN_FOLDER (or in --out when given alone, as the meta commands take it)")
+    add_resume_argument(add)
     add("--stop-after", type=int, default=None,
         help="stop once this many steps are done, counting the adaptive run's then the baseline's "
              "(leaves checkpoints to --resume from)")
@@ -270,6 +254,13 @@ def curve_arrays(curves: dict, hyp: dict, record_hypers: bool) -> dict:
     if record_hypers:
         out.update({f"hyp/{k}": np.asarray(v, float) for k, v in hyp.items()})
     return out
+
+
+def spent_before(resume) -> float:
+    """Seconds a resumed run spent before its checkpoint (0 for a new run): the
+    checkpoints of ``train_online`` record ``spent_s`` so that a resumed run's
+    timings count the whole run."""
+    return 0.0 if resume is None else float(resume[1].get("spent_s", 0.0))
 
 
 def record_due(t, eval_every, steps) -> bool:

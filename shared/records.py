@@ -57,13 +57,41 @@ def default_run_dir(command, root="runs", now=None) -> Path:
     return path
 
 
+# Files a command of this toolkit writes into its run folder: a folder holding one
+# of them holds a run.
+RUN_FILE_PATTERNS = (RESULTS_FILE, COMMAND_FILE, "checkpoint*.npz", "hypers.npz", "hypers.json",
+                     "hypergradient.npz", "*.png")
+_REPLACE = set()     # run folders whose earlier run files go when the new run makes the folder
+
+
+def run_files(folder) -> list:
+    """Names of the run files (``RUN_FILE_PATTERNS``) in ``folder``, sorted; [] if it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted({p.name for pat in RUN_FILE_PATTERNS for p in folder.glob(pat) if p.is_file()})
+
+
+def replace_on_first_use(path) -> None:
+    """Mark ``path`` (``--overwrite``): ``make_run_dir`` removes its run files before the
+    new run writes there, so that an earlier run's files never mix with the new ones."""
+    _REPLACE.add(Path(path).absolute())
+
+
 def make_run_dir(path) -> Path:
-    """Create ``path`` (and parents); fine if it already exists."""
+    """Create ``path`` (and parents); fine if it already exists. The first call for a
+    folder marked by ``replace_on_first_use`` removes the earlier run's files."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ConfigError(f"{path}: cannot use as an output folder: a file is in the way") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot create the output folder ({e.strerror})") from None
+    if path.absolute() in _REPLACE:
+        _REPLACE.discard(path.absolute())
+        for name in run_files(path):
+            (path / name).unlink()
     return path
 
 
@@ -284,6 +312,16 @@ def load_checkpoint(path, expect: dict | None = None) -> tuple:
             raise ConfigError(f"{path}: checkpoint {key} = {meta[key]!r}, expected {want_j!r}; "
                               "refusing to resume from a different model/config")
     return arrays, meta
+
+
+def require_arrays(path, arrays: dict, names) -> None:
+    """DataError naming ``path`` and the first of ``names`` missing from a loaded checkpoint's
+    ``arrays`` (a file that loads but lacks an entry cannot be resumed from)."""
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise DataError(f"{path}: checkpoint has no {missing[0]!r} array"
+                        f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}; "
+                        "it cannot be resumed from")
 
 
 # ---------------------------------------------------------------------------

@@ -70,8 +70,8 @@ def test_bad_input_clear_error_and_nothing_overwritten(tmp_path, capsys, args, w
     assert main(["hypergrad", "--out", str(out), *TINY]) == 0
     before = (out / "results.json").read_bytes()
     capsys.readouterr()
-    argv = ["hypergrad", "--out", str(out), *TINY, *args]
-    assert main(argv) == 2
+    argv = ["hypergrad", "--out", str(out), "--overwrite", *TINY, *args]    # the old run goes only once the new
+    assert main(argv) == 2                                                  # one passed its checks
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     for w in words:

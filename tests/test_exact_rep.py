@@ -312,3 +312,21 @@ def test_underflow_raises(gamma, buffer):
     buf = VectorBuffer(10)
     with pytest.raises(ReversalError):
         buf.div_step(np.zeros(10, dtype=np.int64), n)
+
+
+@pytest.mark.parametrize("buffer", ["vector", "numpy"])
+@pytest.mark.parametrize("bad", [np.nan, 2000.0])
+def test_failed_add_leaves_the_state_untouched(buffer, bad):
+    """A NaN or out-of-range increment raises and changes nothing (every buffer alike)."""
+    rep = ExactRep(np.linspace(-1, 1, 6), "weights", buffer)
+    before = rep.c.copy()
+    x = np.full(6, 0.25)
+    x[4] = bad
+    with pytest.raises(FixedPointOverflow):
+        rep.add(x)
+    assert np.array_equal(rep.c, before)
+    rep2 = ExactRep(np.r_[np.zeros(3), np.full(3, 1023.9)], "weights", buffer)
+    before2 = rep2.c.copy()
+    with pytest.raises(FixedPointOverflow):                        # the sum leaves the range at entry 3
+        rep2.add(np.full(6, 0.25))
+    assert np.array_equal(rep2.c, before2)

@@ -300,3 +300,13 @@ def test_adaptive_command_resumes_to_the_same_results(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no checkpoint-adaptive.npz"):
         cli.run_adaptive(_mlp_args(tmp_path / "empty", "--resume", str(tmp_path / "empty")))
     assert _metrics(cut) == want                                   # nothing overwritten
+
+
+def test_diverged_command_run_stops_naming_the_step(tmp_path):
+    """--lr 1e30: the loss stays finite but huge; the run stops at the record that saw it
+    (shared.errors.check_loss, as cpu_ver adaptive), instead of reporting it."""
+    from shared.errors import NonFiniteError  # noqa: PLC0415
+
+    with pytest.raises(NonFiniteError, match=r"training loss .*at step 5"):
+        cli.run_adaptive(_mlp_args(tmp_path / "d", "--lr", "1e30", "--method", "hd", "--no-baseline"))
+    assert not (tmp_path / "d" / "results.json").exists()

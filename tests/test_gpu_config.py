@@ -40,7 +40,7 @@ def test_cuda_without_gpu_is_a_one_line_error():
 
 
 def test_bad_depth_from_cli_is_a_one_line_error(tmp_path):
-    r = cli("train", "--dataset", "synthetic", "--depth", "41", "--floatX", "float64", "--out", str(tmp_path / "x"))
+    r = cli("train", "--dataset", "synthetic-images", "--depth", "41", "--floatX", "float64", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: DenseNet depth 41")
 

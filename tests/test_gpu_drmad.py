@@ -96,7 +96,7 @@ def test_meta_resume_equals_uninterrupted_and_refuses_other_model(mlp, tmp_path)
     save_checkpoint(tmp_path / "other.npz", {"hypers": h0.flatten()}, {**ident, "meta_iter": 1})
     with pytest.raises(ConfigError, match="model"):
         meta.run(eng, h0, n_meta=2, progress=False, checkpoint=tmp_path / "other.npz", config={}, resume=True)
-    with pytest.raises(ConfigError, match="config"):       # same model, other settings
+    with pytest.raises(ConfigError, match="option.lr"):    # same model, other settings: the option is named
         meta.run(eng, h0, n_meta=2, progress=False, checkpoint=tmp_path / "a.npz", config={"lr": 1}, resume=True)
 
 
@@ -165,3 +165,14 @@ def test_meta_optimisers_and_clip():
     assert np.allclose(opt.update(x, g, opt.init(x))[0], x - 0.1 * g)
     with pytest.raises(ConfigError):
         meta.make_optimizer("lbfgs", 0.1)
+
+
+def test_final_figures_are_those_of_the_saved_hyperparameters(mlp):
+    """The meta-loop's history ends before its last update; ``evaluate_hypers`` describes
+    the hyperparameters the run saves (as cpu_ver's does)."""
+    _, _, hypers, eng = mlp
+    saved, hist = meta.run(eng, hypers.with_tuned(["l2"]), n_meta=1, progress=False, config={}, meta_lr=0.5)
+    final = meta.evaluate_hypers(eng, saved)
+    assert final["val_loss"] == pytest.approx(eng.objective_after_training(saved, quantise=True), rel=1e-12)
+    assert final["val_loss"] != hist["val_loss"][-1]
+    assert set(final) == {"train_loss", "val_loss", "val_error", "test_error"}

@@ -91,3 +91,36 @@ def test_online_run_and_drmad_through_the_cache_equal_fresh_compiles(cache, monk
         assert losses == losses_f and obj == obj_f
         assert all(np.array_equal(state[k], state_f[k]) for k in state_f)
         assert all(np.array_equal(grads[k], grads_f[k]) for k in grads_f)
+
+
+def test_a_compile_says_so_and_a_cached_one_is_quiet(cache, monkeypatch, capsys):
+    """A first compile can be silent for minutes: it names itself with the elapsed time."""
+    import theano.tensor as T  # noqa: PLC0415
+
+    monkeypatch.setattr(fncache, "NOTICE_AFTER_S", 0.0)
+    x = T.dvector("x")
+    f = fncache.function([x], [(x ** 3).sum()], name="notice_probe")
+    assert f(np.arange(3.0))[0] == 9.0
+    err = capsys.readouterr().err
+    assert "compiling notice_probe (first run; cached afterwards)" in err, err
+    assert "compiled notice_probe in " in err, err
+    fncache.function([x], [(x ** 3).sum()], name="notice_probe")      # from the file: nothing to say
+    assert "compiling" not in capsys.readouterr().err
+
+
+def test_slow_notice_prints_only_for_a_long_wait():
+    import io  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from shared.notice import slow_notice  # noqa: PLC0415
+
+    quick, slow = io.StringIO(), io.StringIO()
+    with slow_notice("x", after=5.0, stream=quick):
+        pass
+    with slow_notice("graph", after=0.01, every=0.05, stream=slow):
+        time.sleep(0.2)
+    assert quick.getvalue() == ""
+    lines = slow.getvalue().splitlines()
+    assert lines[0] == "compiling graph (first run; cached afterwards) ..."
+    assert any(s.startswith("  still compiling graph: ") for s in lines[1:-1])
+    assert lines[-1].startswith("compiled graph in ") and lines[-1].endswith(" s")

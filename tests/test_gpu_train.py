@@ -11,7 +11,7 @@ config.load(device="cpu", floatX="float64")
 from gpu_ver import train as tr  # noqa: E402
 from shared.errors import ConfigError, NonFiniteError  # noqa: E402
 
-TINY = dict(model="densenet", depth=7, growth=3, dataset="synthetic", image_size=8, n_train=96, n_val=32,
+TINY = dict(model="densenet", depth=7, growth=3, dataset="synthetic-images", image_size=8, n_train=96, n_val=32,
             n_test=32, epochs=3, batch=16, eval_batch=64, seed=5)
 
 
@@ -51,6 +51,19 @@ def test_resume_is_bit_identical(full, tmp_path):
         assert np.array_equal(a, c) and np.array_equal(b, e)
     assert rest["metrics"]["curves"] == ref["metrics"]["curves"]
     assert rest["metrics"]["weights_sha256"] == ref["metrics"]["weights_sha256"]
+
+
+def test_resume_continues_in_its_own_folder(full, tmp_path):
+    """``train --resume X --out X`` (the convention of every command that checkpoints)."""
+    _, ref = full
+    part = run(tmp_path, "part", stop_after=10)
+    rest = run(tmp_path, "part", resume=tmp_path / "part")
+    assert rest["metrics"]["completed"]
+    # the timings count the whole run, the part before the resume too
+    assert rest["timings"]["train_s"] == pytest.approx(
+        part["timings"]["train_s"] + rest["timings"]["this_process_train_s"], rel=1e-6, abs=0.05)
+    assert rest["metrics"]["weights_sha256"] == ref["metrics"]["weights_sha256"]
+    assert json.loads((tmp_path / "part" / "results.json").read_text())["metrics"]["completed"]
 
 
 def test_resume_from_other_model_is_refused(full, tmp_path):

@@ -460,3 +460,27 @@ def test_unit_shape_in_standard_container_and_files(tmp_path):
     np.testing.assert_array_equal(back.value("l2"), hp.value("l2"))
     with pytest.raises(ConfigError, match="'unit'.*\\(12,\\)"):
         standard(LAYOUT, T, lr=0.1, momentum=0.9, l2=np.ones(5), init_scales=0.1, l2_shape="unit")
+
+
+@pytest.mark.parametrize("bad", [np.array(["a", "b"]), np.array([1 + 2j, 3 + 0j])])
+def test_file_with_non_real_values_is_a_named_config_error(tmp_path, bad):
+    """A string or complex array in the .npz (checksum made to match) is refused by name,
+    not a bare ValueError, nor complex values with the imaginary part dropped."""
+    import hashlib
+    import io
+    import json
+
+    hp = random_hp()
+    hp.save(tmp_path / "hp")
+    desc = json.loads((tmp_path / "hp.json").read_text())
+    with np.load(tmp_path / "hp.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    key = desc["groups"][0]["key"]
+    arrays[key] = bad
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (tmp_path / "hp.npz").write_bytes(buf.getvalue())
+    desc["npz_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    (tmp_path / "hp.json").write_text(json.dumps(desc))
+    with pytest.raises(ConfigError, match=rf"hp.npz.*{desc['groups'][0]['name']}.*real"):
+        HyperParams.load(tmp_path / "hp")

@@ -38,12 +38,13 @@ import time
 PARTS = [
     ("info", "py311 -m gpu_ver info --json", 90, False),
     ("smoke", "py311 scripts/gpu/gpu_report.py smoke --device cuda", 90, True),
-    ("crosscheck", "py311 -m gpu_ver crosscheck --device cuda --floatX float32 --out /tmp/hpo_gpu/runs/crosscheck",
-     90, True),
-    ("devcheck", "py311 -m gpu_ver devcheck --device cuda --floatX float32 --out /tmp/hpo_gpu/runs/devcheck",
-     150, True),
+    ("crosscheck", "py311 -m gpu_ver crosscheck --device cuda --floatX float32 --overwrite "
+                   "--out /tmp/hpo_gpu/runs/crosscheck", 90, True),
+    ("devcheck", "py311 -m gpu_ver devcheck --device cuda --floatX float32 --overwrite "
+                 "--out /tmp/hpo_gpu/runs/devcheck", 150, True),
     ("torch_densenet", "py3 scripts/gpu/torch_densenet.py --device cuda --depth 40 --batch 64", 60, True),
-    ("drmad", "py311 -m gpu_ver drmad --device cuda --floatX float32 --out /tmp/hpo_gpu/runs/drmad", 90, True),
+    ("drmad", "py311 -m gpu_ver drmad --device cuda --floatX float32 --overwrite --out /tmp/hpo_gpu/runs/drmad",
+     90, True),
     ("densenet", "py311 benchmarks/densenet.py --device cuda --floatX float32 --depth 40 --batch 64", 180, True),
     # the same again: its compile times are the cached ones (function cache + Theano's module cache)
     ("densenet_cached", "py311 benchmarks/densenet.py --device cuda --floatX float32 --depth 40 --batch 64",

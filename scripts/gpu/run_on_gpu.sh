@@ -12,9 +12,9 @@
 # or override them from the environment; an empty command skips. Parts print figures as JSON lines.
 export HPO_CMD_INFO=${HPO_CMD_INFO-"py311 -m gpu_ver info --json"}
 export HPO_CMD_SMOKE=${HPO_CMD_SMOKE-"py311 scripts/gpu/gpu_report.py smoke --device cuda"}
-export HPO_CMD_CROSSCHECK=${HPO_CMD_CROSSCHECK-"py311 -m gpu_ver crosscheck --device cuda --floatX float32 --dataset synthetic --out /tmp/hpo_gpu/runs/crosscheck"}
+export HPO_CMD_CROSSCHECK=${HPO_CMD_CROSSCHECK-"py311 -m gpu_ver crosscheck --device cuda --floatX float32 --dataset synthetic --overwrite --out /tmp/hpo_gpu/runs/crosscheck"}
 export HPO_CMD_TORCH_DENSENET=${HPO_CMD_TORCH_DENSENET-"py3 scripts/gpu/torch_densenet.py --device cuda --depth 40 --batch 64 --steps 30"}
-export HPO_CMD_DRMAD=${HPO_CMD_DRMAD-"py311 -m gpu_ver drmad --device cuda --floatX float32 --model densenet --dataset synthetic-images --depth 7 --growth 12 --image-size 16 --iters 10 --batch 32 --meta-iters 2 --no-progress --out /tmp/hpo_gpu/runs/drmad"}
+export HPO_CMD_DRMAD=${HPO_CMD_DRMAD-"py311 -m gpu_ver drmad --device cuda --floatX float32 --model densenet --dataset synthetic-images --depth 7 --growth 12 --image-size 16 --iters 10 --batch 32 --meta-iters 2 --no-progress --overwrite --out /tmp/hpo_gpu/runs/drmad"}
 export HPO_CMD_DENSENET=${HPO_CMD_DENSENET-"py311 benchmarks/densenet.py --worker train --device cuda --depth 40 --growth 12 --batch 64 --size 32 --steps 10"}
 # time limits per part (seconds) and the whole budget, unpacking included
 export HPO_T_INFO=${HPO_T_INFO:-60} HPO_T_SMOKE=${HPO_T_SMOKE:-60} HPO_T_CROSSCHECK=${HPO_T_CROSSCHECK:-100}
