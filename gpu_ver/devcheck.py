@@ -34,11 +34,16 @@ def _c_mode(theano):
     return theano.compile.mode.get_default_mode().excluding("gpuarray")
 
 
-def _pair(theano, fncache, ins, outs, name, updates=()):
+def _timed(make):
+    t = time.perf_counter()
+    f = make()
+    return f, round(time.perf_counter() - t, 1)
+
+
+def _pair(theano, fncache, ins, outs, name):
     """(device function through the function cache, the same graph on the C backend)."""
-    dev = fncache.function(ins, outs, updates=list(updates), name=f"devcheck_{name}")
-    host = theano.function(ins, outs, updates=list(updates), mode=_c_mode(theano))
-    return dev, host
+    return (lambda: fncache.function(ins, outs, name=f"devcheck_{name}"),
+            lambda: theano.function(ins, outs, mode=_c_mode(theano)))
 
 
 def check(depth=7, growth=4, image_size=8, batch=8, n_classes=10, seed=0, parts=PARTS, progress=print) -> dict:
@@ -58,26 +63,27 @@ def check(depth=7, growth=4, image_size=8, batch=8, n_classes=10, seed=0, parts=
     l2 = np.full(net.layout.size, 1e-3, fx)
     v = rng.standard_normal(net.layout.size).astype(fx)
     out = {"device": str(theano.config.device), "floatX": fx, "on_gpu": config.on_gpu(theano),
-           "net": net.describe(), "target": TARGETS[fx], "rel_diff": {}, "compile_s": {},
+           "net": net.describe(), "target": TARGETS[fx], "rel_diff": {}, "compile_s": {}, "host_compile_s": {},
            "host_ops": {}, "unexpected_host_ops": {}}
     wv, l2v, Xv, yv, vv = T.vector("w"), T.vector("l2"), net.input_var("X"), T.lvector("y"), T.vector("v")
     for part in parts:
         progress(f"devcheck: compiling {part} for {out['device']} and for the C backend "
                  f"(first run on this machine: minutes; cached afterwards)")
-        t = time.perf_counter()
         if part == "grad":
             g, _, _ = M.symbolic_grad(net, wv, Xv, yv, l2v)
-            dev, host = _pair(theano, fncache, [wv, l2v, Xv, yv], [g], part)
+            make_dev, make_host = _pair(theano, fncache, [wv, l2v, Xv, yv], [g], part)
             args = (w0, l2, X, y)
         elif part == "hvp":
             hv, _ = M.symbolic_hvp(net, wv, Xv, yv, l2v, vv)
-            dev, host = _pair(theano, fncache, [wv, l2v, Xv, yv, vv], [hv], part)
+            make_dev, make_host = _pair(theano, fncache, [wv, l2v, Xv, yv, vv], [hv], part)
             args = (w0, l2, X, y, v)
         elif part == "step":
-            dev, host, args = _step_pair(theano, fncache, M, net, w0, X, y)
+            make_dev, make_host = _step_pair(theano, M, net, w0)
+            args = (X, y)
         else:
             raise ValueError(f"unknown devcheck part {part!r}; parts: {', '.join(PARTS)}")
-        out["compile_s"][part] = round(time.perf_counter() - t, 1)
+        dev, out["compile_s"][part] = _timed(make_dev)
+        host, out["host_compile_s"][part] = _timed(make_host)
         a, b = dev(*args), host(*args)
         if part == "step":   # compare the updated weights (the functions updated their own state)
             a, b = [dev.w_after()], [host.w_after()]
@@ -103,20 +109,20 @@ class _Step:
         return np.asarray(self.state.w.get_value())
 
 
-def _step_pair(theano, fncache, M, net, w0, X, y):
-    """One Nesterov SGD step on the device (``models.compile_sgd_step``) and the same step
-    on the C backend with host copies of the state."""
-    dev_state = M.SGDState(net, w0, lr=0.05, l2=1e-4)
-    dev = _Step(M.compile_sgd_step(dev_state, 0.9, nesterov=True), dev_state)
-    host_state = M.SGDState(net, w0, lr=0.05, l2=1e-4, host=True)
-    host = _Step(M.compile_sgd_step(host_state, 0.9, nesterov=True, mode=_c_mode(theano)), host_state)
-    return dev, host, (X, y)
+def _step_pair(theano, M, net, w0):
+    """Makers of one Nesterov SGD step on the device (``models.compile_sgd_step``) and of the
+    same step on the C backend with host copies of the state."""
+    def make(host):
+        state = M.SGDState(net, w0, lr=0.05, l2=1e-4, host=host)
+        mode = _c_mode(theano) if host else None
+        return _Step(M.compile_sgd_step(state, 0.9, nesterov=True, mode=mode), state)
+    return (lambda: make(False)), (lambda: make(True))
 
 
 def print_table(res) -> None:
     print(f"gpu_ver on {res['device']} ({res['floatX']}) vs Theano's C backend, "
           f"DenseNet depth {res['net'].get('depth')} growth {res['net'].get('growth')}")
-    print(f"{'part':<6} {'rel diff':>10} {'target':>8} {'compile s':>10}  host ops")
+    print(f"{'part':<6} {'rel diff':>10} {'target':>8} {'compile s':>10}  host ops  (compile s: the device function)")
     for part, d in res["rel_diff"].items():
         print(f"{part:<6} {d:>10.3e} {res['target']:>8.0e} {res['compile_s'][part]:>10.1f}  "
               f"{res['host_ops'][part] or 'none'}")

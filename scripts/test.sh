@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the OpenCL device the GPU-path tests run on (root + apt; otherwise those tests skip, saying why)
+bash scripts/opencl_setup.sh
 exec .venv/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile "$@"

@@ -1,0 +1,158 @@
+"""The GPU code path (Theano's gpuarray backend) on an OpenCL device.
+
+``scripts/opencl_setup.sh`` (run by ``scripts/test.sh``) installs pocl, an OpenCL device on
+the CPU, with libgpuarray, CLBlast and pygpu; Theano-PyMC's gpuarray layer then fails in the
+same ways it fails on an NVIDIA GPU, so these tests exercise the project's fixes
+(``gpu_ver/theano_fixes.py``), device kernels (``gpu_ver/conv_kernels.py``) and the host-op
+check on a machine without a GPU. Each device run is a subprocess (Theano's device is fixed
+per process). Without an OpenCL device they skip, saying why; the checks of the fixes
+themselves against Theano's source run everywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpu_ver import config, theano_fixes
+
+ROOT = Path(__file__).resolve().parents[1]
+N_OPENCL, WHY = config.probe_gpu("opencl")
+needs_opencl = pytest.mark.skipif(N_OPENCL == 0, reason=f"no OpenCL device: {WHY}")
+
+
+def run(args, timeout=1500, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+# --------------------------------------------------------------------------- the fixes (no device)
+def test_every_theano_fix_applies_to_the_installed_theano():
+    """Fails loudly when Theano's source no longer matches what a fix was written for."""
+    st = theano_fixes.status()
+    assert set(st) == {f.name for f in theano_fixes.FIXES}
+    assert all(v == "applies" for v in st.values()), {k: v for k, v in st.items() if v != "applies"}
+
+
+def test_a_fix_that_does_not_match_is_reported_not_applied(tmp_path):
+    (tmp_path / "gpuarray").mkdir()
+    (tmp_path / "gpuarray" / "opt.py").write_text("x = 1\nx = 1\n")
+    fix = theano_fixes.Fix("t", "bug", (theano_fixes.Patch("theano.gpuarray.opt", "x = 1", "x = 2"),))
+    assert "expected 1 occurrence(s) of 'x = 1', found 2" in theano_fixes.problems(fix, str(tmp_path))[0]
+    fix2 = theano_fixes.Fix("t", "bug", (theano_fixes.Patch("theano.gpuarray.nope", "a", "b"),))
+    assert "cannot read" in theano_fixes.problems(fix2, str(tmp_path))[0]
+    ok = theano_fixes.Fix("t", "bug", (theano_fixes.Patch("theano.gpuarray.opt", "x = 1", "y", count=2),
+                                       theano_fixes.Patch("theano.gpuarray.opt", "", "\nz = 3\n")))
+    assert theano_fixes.problems(ok, str(tmp_path)) == []
+    assert theano_fixes.patch_source("theano.gpuarray.opt", "x = 1\nx = 1\n", [ok]) == "y\ny\n\nz = 3\n"
+
+
+def test_device_names_are_checked_before_theano(monkeypatch):
+    from shared.errors import ConfigError
+    for good in ("auto", "cpu", "cuda", "cuda1", "opencl", "opencl0:1"):
+        assert config.check_device(good) == good
+    for bad in ("gpu", "opencl0", "cuda:1", "tpu"):
+        with pytest.raises(ConfigError, match=f"--device {bad}: device must be one of"):
+            config.check_device(bad)
+    assert config.device_kind("cuda2") == "cuda" and config.device_kind("opencl0:0") == "opencl"
+    assert config._device_index("cuda2") == (0, 2) and config._device_index("opencl1:3") == (1, 3)
+    with pytest.raises(ConfigError, match="device opencl9:0 requested but not usable"):
+        config.resolve_device("opencl9:0")
+
+
+# --------------------------------------------------------------------------- on the device
+@needs_opencl
+def test_info_names_the_opencl_device_and_its_blas():
+    r = run(["-m", "gpu_ver", "info", "--json", "--device", "opencl", "--floatX", "float32"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(r.stdout)
+    assert d["device"] == "opencl0:0" and d["backend"] == "gpuarray (OpenCL)"
+    assert d["device_name"] and "CLBlast" in d["blas"]
+    assert set(d["theano_fixes"].values()) == {"applies"}
+    assert "Could not initialize pygpu" not in r.stderr
+
+
+_CONV = r"""
+import json, sys, numpy as np
+from gpu_ver import config
+theano = config.load(device=sys.argv[1], floatX="float32")
+T = theano.tensor
+from gpu_ver import conv, hostops
+x, W, g = T.tensor4("x"), T.tensor4("W"), T.tensor4("g")
+y = conv.conv_gemm(x, W, x.shape[1], (6, 5), 3, 4, 3)
+gx, gw = T.grad((y * g).sum(), [x, W])
+f = theano.function([x, W, g], [y, gx, gw])
+rng = np.random.default_rng(0)
+args = [rng.standard_normal(s).astype("float32") for s in ((3, 2, 6, 5), (4, 3, 3, 3), (4, 2, 6, 5))]
+np.savez(sys.argv[2], *[np.asarray(o) for o in f(*args)])
+print(json.dumps({"ops": sorted({type(n.op).__name__ for n in f.maker.fgraph.toposort()}),
+                  "host": hostops.summary(f)}))
+"""
+
+
+@needs_opencl
+def test_shift_kernels_run_on_the_device_and_equal_the_host_ops(tmp_path):
+    """The convolution's shifted-plane sum and its adjoint (the backward pass) are lifted to
+    the device kernels, and give the host ops' results bit for bit (the kernels add in the
+    host loop's order; the products around them are tiny, so BLAS agrees here too; the
+    assertion that matters is on the shift ops, tested through the whole conv)."""
+    res = {}
+    for dev in ("opencl", "cpu"):
+        r = run(["-c", _CONV, dev, str(tmp_path / f"{dev}.npz")], timeout=600,
+                env={"HPO_THEANO_CACHE": str(tmp_path / f"cache-{dev}")} if dev == "cpu" else {})
+        assert r.returncode == 0, r.stderr[-3000:]
+        res[dev] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"GpuShiftSum", "GpuShiftStack"} <= set(res["opencl"]["ops"])
+    assert not {"ShiftSum", "ShiftStack"} & set(res["opencl"]["ops"])
+    assert res["opencl"]["host"] == {}
+    a, b = np.load(tmp_path / "opencl.npz"), np.load(tmp_path / "cpu.npz")
+    for k in b.files:
+        scale = np.abs(b[k]).max()
+        assert np.abs(a[k] - b[k]).max() <= 1e-6 * scale, k     # float32 products: a few ulp at most
+
+
+@needs_opencl
+def test_mlp_drmad_on_the_device_matches_cpu_ver_float64(tmp_path):
+    r = run(["-m", "gpu_ver", "crosscheck", "--device", "opencl", "--floatX", "float32", "--iters", "10",
+             "--no-adaptive", "--out", str(tmp_path / "cc")])
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    m = json.loads((tmp_path / "cc" / "results.json").read_text())["metrics"]
+    assert m["max_rel_diff_weights"] <= 1e-4
+    assert max(m["max_rel_diff_hypergradient"].values()) <= 1e-4
+    assert m["max_rel_diff_drmad_full_vs_exact"] <= 1e-4
+
+
+@needs_opencl
+def test_densenet_gradient_and_step_on_the_device_match_the_c_backend_and_reload_from_cache(tmp_path):
+    """The tiny DenseNet's gradient and SGD step on the device against the C backend (in one
+    process), no host op beyond the named exceptions, and a second process loads the device
+    functions from the function cache in at most a tenth of the first compile."""
+    cache = {"HPO_THEANO_CACHE": str(tmp_path / "theano")}
+    figures = []
+    for i in range(2):
+        r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "grad,step",
+                 "--out", str(tmp_path / f"dc{i}")], env=cache)
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+        figures.append(json.loads((tmp_path / f"dc{i}" / "results.json").read_text())["metrics"])
+    first, second = figures
+    for part in ("grad", "step"):
+        assert first["rel_diff"][part] <= 1e-5 and second["rel_diff"][part] <= 1e-5
+        assert first["unexpected_host_ops"][part] == []
+        assert set(first["host_ops"][part]) <= {"Max", "MaxAndArgmax"}
+    assert sum(second["compile_s"].values()) <= 0.1 * sum(first["compile_s"].values()), figures
+
+
+@needs_opencl
+@pytest.mark.slow
+def test_densenet_hvp_on_the_device_matches_the_c_backend(tmp_path):
+    r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "hvp", "--out", str(tmp_path / "dc")],
+            timeout=3000)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    m = json.loads((tmp_path / "dc" / "results.json").read_text())["metrics"]
+    assert m["rel_diff"]["hvp"] <= 1e-5 and m["unexpected_host_ops"]["hvp"] == []
