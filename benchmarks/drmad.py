@@ -39,7 +39,7 @@ time       ``hypergradient_over_training``: DrMAD K = 1 (forward + reverse)
            before numpy is imported unless already set), so that CPU time is
            not inflated by spinning BLAS threads on a small model. Target <= 3.5.
 
---quick about a minute; --json FILE writes the figures (keys of DESIGN.md:
+--quick about a minute; --json FILE writes the figures (keys of docs/DESIGN.md s.4:
 peak_memory_bytes, cosine_vs_exact, hypergradient_over_training, and more).
 """
 from __future__ import annotations

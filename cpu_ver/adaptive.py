@@ -15,7 +15,7 @@ batch, val_batch)`` builds the ``GradInfo`` with the autograd MLP and calls
 ``update``; the gradient is ``model.grad`` for every method, the plain
 optimiser included, so overheads compare like with like.
 
-Notation (docs/ALGORITHMS.md section 4): g_t = grad_w L(w_t; B_t) (L includes
+Notation (docs/ALGORITHMS.md s.4, eqs. 31-41): g_t = grad_w L(w_t; B_t) (L includes
 the L2 term sum_i l2_i w_i^2), u_t the direction actually applied,
 w_{t+1} = w_t - alpha_t * u_t. "Groups" share one hyperparameter: ``global``
 (one), ``block`` (one per parameter block W0, b0, W1, ...; "per layer"),

@@ -2,7 +2,7 @@
 
 Fu, Luo, Xu, Chua & Lin, "DrMAD: Distilling Reverse-Mode Automatic
 Differentiation for Optimizing Hyperparameters of Deep Neural Networks",
-IJCAI 2016 (ALGORITHMS.md s.2).
+IJCAI 2016 (docs/ALGORITHMS.md s.2, eqs. 21-25).
 
 The forward pass is plain float SGD with momentum that keeps only K+1
 snapshots ``w_{s_0}, ..., w_{s_K}`` at ``s_k = round(k T / K)`` (K = 1: the

@@ -1,4 +1,4 @@
-"""Meta-optimisation: the outer loop over hyperparameters (ALGORITHMS.md s.3).
+"""Meta-optimisation: the outer loop over hyperparameters (docs/ALGORITHMS.md s.3).
 
 Repeat: train (forward), compute the hypergradient of the meta-objective
 (exact reversal or DrMAD), update the free hyperparameter coordinates with a

@@ -11,7 +11,7 @@ logistic regression.
 
 Inside the traced functions the parameters are a list of block arrays
 (``W0, b0, W1, b1, ...``): slicing a flat vector inside an autograd trace was
-measured about 2x slower (DESIGN.md). The flat vector exists only at the
+measured about 2x slower (docs/DESIGN.md s.6). The flat vector exists only at the
 boundary (``ParamLayout.flatten``/``unflatten``).
 
 The second-order quantities that reverse-mode hypergradients need come from ONE

@@ -1,7 +1,8 @@
 """Exact reverse-mode hypergradients through SGD with momentum.
 
 Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization
-through Reversible Learning", ICML 2015, Algorithms 1 and 2 (ALGORITHMS.md s.1).
+through Reversible Learning", ICML 2015, Algorithms 1 and 2 (docs/ALGORITHMS.md s.1,
+eqs. 1-3 forward and 4-13 reverse).
 
 Forward, in exact fixed-point arithmetic (``shared.exact_rep``)::
 

@@ -15,7 +15,7 @@ Settings, by precedence (option > environment > default):
   for a GPU that is not there raises ``ConfigError`` *before* Theano is imported. On a
   GPU device ``load`` installs ``gpu_ver/theano_fixes.py`` (Theano-PyMC's gpuarray
   layer does not run without it) and sets ``dnn__enabled=False`` (Theano-PyMC 1.1.2
-  calls cuDNN functions removed in cuDNN 8; docs/THEANO.md).
+  calls cuDNN functions removed in cuDNN 8; docs/THEANO.md s.5).
 - floatX:  ``float64`` | ``float32``.  Option ``floatX=``, env ``HPO_FLOATX``,
   default ``float64`` (the precision the cross-checks need; ``train`` and the
   benchmark ask for float32 explicitly).
@@ -305,7 +305,7 @@ def _cache_ops_without_props() -> None:
 
 def _drop_ldflags_warning(record) -> bool:
     """Theano's BLAS check cannot parse ``-l:<file>`` and warns that it found no dynamic
-    library; the library is linked all the same (THEANO.md), so drop that one message."""
+    library; the library is linked all the same (docs/THEANO.md s.1), so drop that one message."""
     return not str(record.msg).startswith("We did not find a dynamic library")
 
 

@@ -1,7 +1,8 @@
 """Device kernels for the shifted-plane sum of the channel-major convolution (CUDA and OpenCL).
 
 ``gpu_ver/conv.py`` writes a k x k 'same' convolution as one matrix product and the linear
-map ``ShiftSum`` (its eq. 2), whose adjoint is ``ShiftStack`` (eq. 3):
+map ``ShiftSum`` (its eq. 2; docs/ALGORITHMS.md eq. 44), whose adjoint is ``ShiftStack``
+(its eq. 3; docs/ALGORITHMS.md eq. 45):
 
     out[a, y, x]      = sum_{i, j} z[i k + j, a, y + i - p, x + j - p]     (2)
     s[i k + j, a, y, x] = d[a, y - i + p, x - j + p]                       (3)

@@ -1,7 +1,7 @@
 """DrMAD on the Theano backend: hypergradients of the validation loss through SGD
-with momentum, for the MLP and DenseNet of ``gpu_ver.models`` (ALGORITHMS.md s.2).
+with momentum, for the MLP and DenseNet of ``gpu_ver.models`` (docs/ALGORITHMS.md s.2).
 
-Forward (training; the update of ALGORITHMS.md s.1, as ``cpu_ver.sgd``)::
+Forward (training; docs/ALGORITHMS.md eqs. 1-3, as ``cpu_ver.sgd``)::
 
     g_t     = grad_w L(w_t, l2; batch_t)          L = mean CE + sum_i l2_i w_i^2
     v_{t+1} = gamma_t v_t - (1 - gamma_t) g_t     gamma_t: the QUANTISED momentum n/2^16

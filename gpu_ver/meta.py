@@ -1,5 +1,5 @@
 """Meta-optimisation on the Theano backend: the outer loop over hyperparameters
-(ALGORITHMS.md s.3), with DrMAD hypergradients from ``gpu_ver.drmad``.
+(docs/ALGORITHMS.md s.3), with DrMAD hypergradients from ``gpu_ver.drmad``.
 
 Repeat: train (forward), DrMAD hypergradient of the validation loss, update the
 free coordinates of the tuned groups (log L2 strengths, log learning rates,

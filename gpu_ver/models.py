@@ -112,7 +112,7 @@ def nll_per_example(logits, y):
 
 def cross_entropy(logits, y):
     """Mean over the batch of -log softmax(logits)[n, y_n] (twice differentiable, unlike
-    ``T.nnet.categorical_crossentropy``; docs/THEANO.md)."""
+    ``T.nnet.categorical_crossentropy``; docs/THEANO.md s.3)."""
     return nll_per_example(logits, y).mean()
 
 
@@ -124,7 +124,7 @@ def batch_norm(x, scale, shift, stats=None, eps=BN_EPS, axis=1):
 
     ``stats=None``: mu, var are the batch mean and (biased) variance over the
     other axes, written with ``x.mean`` so that second derivatives are right
-    (``batch_normalization_train`` gets them wrong; THEANO.md). Otherwise
+    (``batch_normalization_train`` gets them wrong; docs/THEANO.md s.3). Otherwise
     ``stats = (mu, var)`` (running averages, for evaluation). Returns (y, (mu, var)).
     """
     others = tuple(a for a in range(4) if a != axis)
@@ -445,7 +445,7 @@ def symbolic_grad_and_hvp(model, w, X, y, l2, v):
 
 def symbolic_hvp(model, w, X, y, l2, v):
     """(H v, 2 w v) with H = d^2 L / dw^2, by reverse-over-reverse differentiation
-    (``T.Rop`` raises for conv gradients; THEANO.md)."""
+    (``T.Rop`` raises for conv gradients; docs/THEANO.md s.3)."""
     _, _, hv, mix = symbolic_grad_and_hvp(model, w, X, y, l2, v)
     return hv, mix
 

@@ -6,7 +6,7 @@
     the reverse recursion for dw, dv and d l2 does not depend on where w_t is, so
     DrMAD with ONE segment (one reverse point per step, the batch of step t with
     point t) equals the exact L2 and initial-scale hypergradients to rounding
-    (ALGORITHMS.md s.2). On the MLP it does not (so that check can fail).
+    (docs/ALGORITHMS.md s.2). On the MLP it does not (so that check can fail).
 (c) Memory: K = 1 stores two weight vectors whatever T.
 (d) Agreement with the exact hypergradient rises with K (fixed seed).
 (e) Bad options raise ConfigError.
