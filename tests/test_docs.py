@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".venv", ".git", ".thcache", "gpu_bundle", "runs", "build", "dist", "__pycache__",
              ".pytest_cache", "hypergrad_hpo.egg-info"}
-PENDING = {"docs/GPU.md"}     # written with the GPU/OpenCL support, on its own branch
+PENDING = set()     # files another branch is still writing (none)
 
 MD_PATH = re.compile(r"(?<![\w/.:-])((?:\.\./|[\w.-]+/)*[\w-]+\.md)\b")
 EQ_CITE = re.compile(r"docs/ALGORITHMS\.md,? eqs?\. (\d+(?:\s*(?:-|,|and)\s*\d+)*)")
