@@ -67,8 +67,8 @@ def check(depth=7, growth=4, image_size=8, batch=8, n_classes=10, seed=0, parts=
            "host_ops": {}, "unexpected_host_ops": {}}
     wv, l2v, Xv, yv, vv = T.vector("w"), T.vector("l2"), net.input_var("X"), T.lvector("y"), T.vector("v")
     for part in parts:
-        progress(f"devcheck: compiling {part} for {out['device']} and for the C backend "
-                 f"(first run on this machine: minutes; cached afterwards)")
+        progress(f"devcheck: {part} for {out['device']} and for the C backend "
+                 f"(compiling: minutes the first time on a machine)")
         if part == "grad":
             g, _, _ = M.symbolic_grad(net, wv, Xv, yv, l2v)
             make_dev, make_host = _pair(theano, fncache, [wv, l2v, Xv, yv], [g], part)

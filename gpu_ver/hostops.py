@@ -3,9 +3,9 @@
 Theano's gpuarray optimiser moves an op to the device only when it has a device version
 for it; anything else stays on the host, silently, with a copy of its inputs from the device
 and of its outputs back (a graph that "runs on the GPU" can spend most of its time in such
-round trips). ``host_ops(f)`` lists the nodes of ``f`` that compute on floating-point data
-on the host; shape arithmetic (integer scalars and vectors) and the transfers of the
-function's own inputs and outputs are not computations and are not listed. The tests
+round trips). ``host_ops(f)`` lists the nodes of ``f`` that compute on floating-point
+arrays on the host; shape arithmetic (integers, and float scalars made from them) and the
+transfers of the function's own inputs and outputs are not computations and are not listed. The tests
 assert that the training step, DrMAD's reverse step and the online methods' updates list
 nothing on a GPU device beyond ``ALLOWED`` (small, named exceptions).
 """
@@ -35,14 +35,22 @@ def _is_float_tensor(var) -> bool:
     return type(t).__name__ == "TensorType" and str(getattr(t, "dtype", "")).startswith("float")
 
 
+def _computes_on_data(node) -> bool:
+    """Does host ``node`` compute on floating-point arrays? A float result, with an array
+    (ndim >= 1) among its float inputs or outputs: a reduction of an array to a number
+    counts, arithmetic on shape-derived scalars (e.g. n / (n - 1) in batch norm) does not."""
+    floats = [v for v in list(node.inputs) + list(node.outputs) if _is_float_tensor(v)]
+    return any(_is_float_tensor(o) for o in node.outputs) and any(v.type.ndim >= 1 for v in floats)
+
+
 def host_ops(f) -> list:
-    """Nodes of compiled function ``f`` that compute on host floating-point tensors."""
+    """Nodes of compiled function ``f`` that compute on host floating-point arrays."""
     out = []
     for node in f.maker.fgraph.toposort():
         name = type(node.op).__name__
         if name.startswith("Gpu") or name in ("HostFromGpu", "GpuFromHost"):
             continue
-        if any(_is_float_tensor(o) for o in node.outputs):
+        if _computes_on_data(node):
             out.append(HostOp(name, str(node.op), tuple((o.type.dtype, o.type.ndim) for o in node.outputs)))
     return out
 

@@ -131,21 +131,28 @@ def test_mlp_drmad_on_the_device_matches_cpu_ver_float64(tmp_path):
 @needs_opencl
 def test_densenet_gradient_and_step_on_the_device_match_the_c_backend_and_reload_from_cache(tmp_path):
     """The tiny DenseNet's gradient and SGD step on the device against the C backend (in one
-    process), no host op beyond the named exceptions, and a second process loads the device
-    functions from the function cache in at most a tenth of the first compile."""
+    process), no host op beyond the named exceptions; a second process takes the device
+    gradient from the function cache (no compile, the stored file untouched). How much
+    time that saves is measured by benchmarks, not here (docs/GPU.md)."""
     cache = {"HPO_THEANO_CACHE": str(tmp_path / "theano")}
-    figures = []
-    for i in range(2):
-        r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "grad,step",
-                 "--out", str(tmp_path / f"dc{i}")], env=cache)
-        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-        figures.append(json.loads((tmp_path / f"dc{i}" / "results.json").read_text())["metrics"])
-    first, second = figures
+    r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "grad,step",
+             "--out", str(tmp_path / "dc0")], env=cache)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    m = json.loads((tmp_path / "dc0" / "results.json").read_text())["metrics"]
     for part in ("grad", "step"):
-        assert first["rel_diff"][part] <= 1e-5 and second["rel_diff"][part] <= 1e-5
-        assert first["unexpected_host_ops"][part] == []
-        assert set(first["host_ops"][part]) <= {"Max", "MaxAndArgmax"}
-    assert sum(second["compile_s"].values()) <= 0.1 * sum(first["compile_s"].values()), figures
+        assert m["rel_diff"][part] <= 1e-5
+        assert m["unexpected_host_ops"][part] == []
+        assert set(m["host_ops"][part]) <= {"Max", "MaxAndArgmax"}
+    assert "compiling devcheck_grad" in r.stderr
+    stored = sorted((tmp_path / "theano").glob("*/hpo-functions/devcheck_grad-*.pkl"))
+    assert len(stored) == 1
+    stamp = stored[0].stat().st_mtime_ns
+    r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "grad",
+             "--out", str(tmp_path / "dc1")], env=cache)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    again = json.loads((tmp_path / "dc1" / "results.json").read_text())["metrics"]
+    assert again["rel_diff"]["grad"] == m["rel_diff"]["grad"]          # same device, same result
+    assert "compiling devcheck_grad" not in r.stderr and stored[0].stat().st_mtime_ns == stamp
 
 
 @needs_opencl
