@@ -1,11 +1,12 @@
-"""``python -m cpu_ver hypergrad|meta|check|adaptive`` (README.md, "Commands").
+"""``python -m cpu_ver hypergrad|meta|check|adaptive|summarize`` (README.md, "Commands").
 
 Every command takes --seed, --out DIR (default runs/<command>-<time>), --overwrite
 and --help, shows progress bars, and writes DIR/results.json atomically with the
 keys command, versions, config, metrics and timings; PNG plots, checkpoints and
 command.txt go beside it, all in that one folder. Input problems (checked before
 any work: option ranges, the run folder) end with a one-line ``error: ...`` on
-stderr and exit status 2.
+stderr and exit status 2. ``summarize RUN_DIR...`` prints one table of earlier runs
+and writes a folder (summary.csv, command.txt) only when --out is given.
 """
 from __future__ import annotations
 
@@ -239,6 +240,11 @@ def cmd_adaptive(args):
         raise SystemExit(130)
 
 
+def cmd_summarize(args):
+    from shared.summarize_cli import run_summarize
+    return run_summarize(args, record_argv(args))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cpu_ver", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,11 +275,20 @@ def parser() -> argparse.ArgumentParser:
     from cpu_ver.adaptive_cli import add_adaptive_arguments
     add_adaptive_arguments(a)
     a.set_defaults(func=cmd_adaptive)
+
+    from shared.summarize_cli import HELP, add_summarize_arguments
+    s = sub.add_parser("summarize", help=HELP, description=HELP)
+    s.add_argument("--out", default=None, help="write summary.csv there (default: print only)")
+    cli.add_overwrite_argument(s.add_argument)
+    add_summarize_arguments(s)
+    s.set_defaults(func=cmd_summarize)
     return p
 
 
 # The checkpoint a command resumes from (commands without one cannot be resumed).
 CHECKPOINT = {"meta": "checkpoint.npz", "adaptive": CHECKPOINTS["adaptive"]}
+# Commands that make a run folder only when --out is given (the others default to runs/<command>-<time>).
+PRINT_ONLY = ("summarize",)
 
 
 def record_argv(args) -> list:
@@ -288,7 +303,8 @@ def main(argv=None) -> int:
 
     def work():
         cli.check_options(args)
-        cli.prepare_run_folder(args, args.command, CHECKPOINT.get(args.command))
+        if args.command not in PRINT_ONLY or args.out:
+            cli.prepare_run_folder(args, args.command, CHECKPOINT.get(args.command))
         return args.func(args)
     return cli.run_guarded(work)
 
