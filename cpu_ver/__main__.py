@@ -55,6 +55,9 @@ def _problem_options(p, iters=100, batch=100):
                    help="meta-objective: validation (default) or training cross-entropy")
     p.add_argument("--hypers", default="l2,lr,momentum,init_scale",
                    help="hyperparameter groups to differentiate/tune, from l2,lr,momentum,init_scale")
+    p.add_argument("--hypers-from", default=None, metavar="RUN_DIR|FILE",
+                   help="start from the hyperparameters a run saved (RUN_DIR/hypers.json, or a hypers.npz/json "
+                        "file); they replace --lr, --momentum, --l2 and the --*-shape options")
     p.add_argument("--K", type=int, default=1, help="DrMAD checkpoint segments (1 = DrMAD)")
     p.add_argument("--grid", default="t/T", choices=("t/T", "cumlr"), help="DrMAD interpolation grid")
     p.add_argument("--velocity", default="reconstruct", choices=("reconstruct", "ignore"), help="DrMAD velocity")
@@ -65,7 +68,7 @@ def build(args):
     from cpu_ver.models import MLP, parse_layers
     from cpu_ver.problem import Problem
     from shared.datasets import load
-    from shared.hyperparams import standard
+    from shared.hyperparams import load_for_run, standard
 
     data_dir = args.data_dir
     if data_dir is None and args.dataset.startswith("mnist") and DEFAULT_MNIST.exists():
@@ -84,6 +87,8 @@ def build(args):
     hypers = standard(model.layout, args.iters, lr=args.lr, momentum=args.momentum, l2=args.l2,
                       init_scales=model.default_init_scales(), groups=groups, l2_shape=args.l2_shape,
                       lr_shape=args.lr_shape, momentum_shape=args.momentum_shape)
+    if getattr(args, "hypers_from", None):
+        hypers = load_for_run(args.hypers_from, model.layout, args.iters, groups)
     return problem, hypers, data
 
 
