@@ -187,8 +187,9 @@ def cmd_meta(args):
     final = meta.evaluate_hypers(problem, hypers)       # the saved hyperparameters, after the last update
     timings["final_s"] = time.perf_counter() - t0
     hypers.save(run_dir / "hypers")
-    plots.learning_curves(hist, run_dir / "learning_curves.png", f"meta-optimisation ({args.method}, {args.optimizer})",
-                          final=final)
+    if hist["val_loss"]:        # no curve without a meta-iteration (as gpu_ver drmad)
+        plots.learning_curves(hist, run_dir / "learning_curves.png",
+                              f"meta-optimisation ({args.method}, {args.optimizer})", final=final)
     plots.hyperparameters(hypers, run_dir / "hyperparameters.png")
     metrics = dict(hist)
     metrics.update({f"final_{k}": v for k, v in final.items()})

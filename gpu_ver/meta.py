@@ -164,6 +164,9 @@ def plot_history(history: dict, path, title="meta-optimisation (DrMAD)") -> None
     a.legend()
     b.semilogy(it, np.maximum(history["hypergradient_norm"], 1e-300))
     b.set(xlabel="meta-iteration", ylabel="|hypergradient| (free coordinates)")
+    from shared.plotting import integer_axis  # noqa: PLC0415
+
+    integer_axis(a), integer_axis(b)
     fig.tight_layout()
     save_figure(fig, path)
 
