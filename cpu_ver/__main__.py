@@ -1,11 +1,12 @@
-"""``python -m cpu_ver hypergrad|meta|check|adaptive`` (README.md, "Commands").
+"""``python -m cpu_ver hypergrad|meta|check|adaptive|summarize`` (README.md, "Commands").
 
 Every command takes --seed, --out DIR (default runs/<command>-<time>), --overwrite
 and --help, shows progress bars, and writes DIR/results.json atomically with the
 keys command, versions, config, metrics and timings; PNG plots, checkpoints and
 command.txt go beside it, all in that one folder. Input problems (checked before
 any work: option ranges, the run folder) end with a one-line ``error: ...`` on
-stderr and exit status 2.
+stderr and exit status 2. ``summarize RUN_DIR...`` prints one table of earlier runs
+and writes a folder (summary.csv, command.txt) only when --out is given.
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def _problem_options(p, iters=100, batch=100):
                    help="meta-objective: validation (default) or training cross-entropy")
     p.add_argument("--hypers", default="l2,lr,momentum,init_scale",
                    help="hyperparameter groups to differentiate/tune, from l2,lr,momentum,init_scale")
+    p.add_argument("--hypers-from", default=None, metavar="RUN_DIR|FILE",
+                   help="start from the hyperparameters a run saved (RUN_DIR/hypers.json, or a hypers.npz/json "
+                        "file); they replace --lr, --momentum, --l2 and the --*-shape options")
     p.add_argument("--K", type=int, default=1, help="DrMAD checkpoint segments (1 = DrMAD)")
     p.add_argument("--grid", default="t/T", choices=("t/T", "cumlr"), help="DrMAD interpolation grid")
     p.add_argument("--velocity", default="reconstruct", choices=("reconstruct", "ignore"), help="DrMAD velocity")
@@ -64,7 +68,7 @@ def build(args):
     from cpu_ver.models import MLP, parse_layers
     from cpu_ver.problem import Problem
     from shared.datasets import load
-    from shared.hyperparams import standard
+    from shared.hyperparams import load_for_run, standard
 
     data_dir = args.data_dir
     if data_dir is None and args.dataset.startswith("mnist") and DEFAULT_MNIST.exists():
@@ -83,6 +87,8 @@ def build(args):
     hypers = standard(model.layout, args.iters, lr=args.lr, momentum=args.momentum, l2=args.l2,
                       init_scales=model.default_init_scales(), groups=groups, l2_shape=args.l2_shape,
                       lr_shape=args.lr_shape, momentum_shape=args.momentum_shape)
+    if getattr(args, "hypers_from", None):
+        hypers = load_for_run(args.hypers_from, model.layout, args.iters, groups)
     return problem, hypers, data
 
 
@@ -181,8 +187,9 @@ def cmd_meta(args):
     final = meta.evaluate_hypers(problem, hypers)       # the saved hyperparameters, after the last update
     timings["final_s"] = time.perf_counter() - t0
     hypers.save(run_dir / "hypers")
-    plots.learning_curves(hist, run_dir / "learning_curves.png", f"meta-optimisation ({args.method}, {args.optimizer})",
-                          final=final)
+    if hist["val_loss"]:        # no curve without a meta-iteration (as gpu_ver drmad)
+        plots.learning_curves(hist, run_dir / "learning_curves.png",
+                              f"meta-optimisation ({args.method}, {args.optimizer})", final=final)
     plots.hyperparameters(hypers, run_dir / "hyperparameters.png")
     metrics = dict(hist)
     metrics.update({f"final_{k}": v for k, v in final.items()})
@@ -239,6 +246,11 @@ def cmd_adaptive(args):
         raise SystemExit(130)
 
 
+def cmd_summarize(args):
+    from shared.summarize_cli import run_summarize
+    return run_summarize(args, record_argv(args))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cpu_ver", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,11 +281,20 @@ def parser() -> argparse.ArgumentParser:
     from cpu_ver.adaptive_cli import add_adaptive_arguments
     add_adaptive_arguments(a)
     a.set_defaults(func=cmd_adaptive)
+
+    from shared.summarize_cli import HELP, add_summarize_arguments
+    s = sub.add_parser("summarize", help=HELP, description=HELP)
+    s.add_argument("--out", default=None, help="write summary.csv there (default: print only)")
+    cli.add_overwrite_argument(s.add_argument)
+    add_summarize_arguments(s)
+    s.set_defaults(func=cmd_summarize)
     return p
 
 
 # The checkpoint a command resumes from (commands without one cannot be resumed).
 CHECKPOINT = {"meta": "checkpoint.npz", "adaptive": CHECKPOINTS["adaptive"]}
+# Commands that make a run folder only when --out is given (the others default to runs/<command>-<time>).
+PRINT_ONLY = ("summarize",)
 
 
 def record_argv(args) -> list:
@@ -288,7 +309,8 @@ def main(argv=None) -> int:
 
     def work():
         cli.check_options(args)
-        cli.prepare_run_folder(args, args.command, CHECKPOINT.get(args.command))
+        if args.command not in PRINT_ONLY or args.out:
+            cli.prepare_run_folder(args, args.command, CHECKPOINT.get(args.command))
         return args.func(args)
     return cli.run_guarded(work)
 

@@ -106,39 +106,11 @@ def _load(args):
     return load(args.dataset, data_dir=data_dir, n_train=args.n_train, n_val=args.n_val, seed=args.seed)
 
 
-def _plot(run_dir, res, base, method_name, base_name):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from shared.records import save_figure
+def _plot(run_dir, res, base, method_name, base_name, data_label):
+    """curves.png, hyperparameters.png, hyper_heatmap.png (``shared.plotting``, as gpu_ver draws them)."""
+    from shared.plotting import adaptive_figures
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for key, a in (("train_loss", ax[0]), ("val_loss", ax[1])):
-        a.plot(res["step"], res[key], label=method_name)
-        if base is not None:
-            a.plot(base["step"], base[key], "--", label=base_name)
-        a.set_xlabel("step")
-        a.set_ylabel(key.replace("_", " "))
-        a.set_yscale("log")
-        a.legend()
-    fig.tight_layout()
-    save_figure(fig, Path(run_dir) / "curves.png")
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    steps = np.array(res["step"])
-    for key, a, lab in (("lr_quantiles", ax[0], "learning rate"), ("l2_quantiles", ax[1], "L2 strength")):
-        q = np.array(res[key])          # steps x blocks x quantiles (0, .1, .5, .9, 1)
-        for b, name in enumerate(res["blocks"]):
-            line, = a.plot(steps, np.maximum(q[:, b, 2], 1e-300), label=name)
-            a.fill_between(steps, np.maximum(q[:, b, 1], 1e-300), np.maximum(q[:, b, 3], 1e-300),
-                           color=line.get_color(), alpha=0.2)
-        a.set_xlabel("step")
-        a.set_ylabel(f"{lab} (median, 10-90% per block)")
-        if np.all(q > 0):
-            a.set_yscale("log")
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, Path(run_dir) / "hyperparameters.png")
+    return adaptive_figures(run_dir, res, base, method_name, base_name, data_label)
 
 
 def _rows(X):
@@ -208,7 +180,8 @@ def run_adaptive(args) -> dict:
         metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
                                    final_val_loss=base["val_loss"][-1])
     t0 = time.perf_counter()
-    _plot(run_dir, res, base, args.method, base_name)
+    _plot(run_dir, res, base, args.method, base_name,
+          f"{ds.name}, {len(y)} training examples, {args.steps} steps")
     timings["plots_s"] = time.perf_counter() - t0
     config = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
     config.update(layers=list(sizes), method_config=method.config, data=ds.describe())

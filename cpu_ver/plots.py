@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.records import save_figure
+from shared.plotting import integer_axis
+from shared import records
 
 
 def _plt():
@@ -26,17 +27,19 @@ def learning_curves(history: dict, path: Path, title: str = "", final: dict | No
         for k in curves:
             curves[k].append(final.get(k, float("nan")))
     at = np.arange(len(curves["val_loss"]))
-    axes[0].plot(at, curves["train_loss"], label="train loss")
-    axes[0].plot(at, curves["val_loss"], label="validation loss")
+    axes[0].plot(at, curves["train_loss"], marker=".", label="train loss")
+    axes[0].plot(at, curves["val_loss"], marker=".", label="validation loss")
     axes[0].set_xlabel("meta-iteration (last: saved hyperparameters)" if final else "meta-iteration")
     axes[0].legend(), axes[0].set_title("cross-entropy")
-    axes[1].plot(at, curves["test_error"], color="C2")
-    axes[1].set_xlabel("meta-iteration"), axes[1].set_title("test error")
-    axes[2].semilogy(it, np.maximum(history["hypergradient_norm"], 1e-300), color="C3")
+    axes[1].plot(at, 100 * np.asarray(curves["test_error"], dtype=float), marker=".", color="C2")
+    axes[1].set_xlabel("meta-iteration"), axes[1].set_ylabel("test error (%)"), axes[1].set_title("test error")
+    axes[2].semilogy(it, np.maximum(history["hypergradient_norm"], 1e-300), marker=".", color="C3")
     axes[2].set_xlabel("meta-iteration"), axes[2].set_title("hypergradient norm (free coords)")
+    for a in axes:
+        integer_axis(a)
     fig.suptitle(title)
     fig.tight_layout()
-    save_figure(fig, path)
+    records.save_figure(fig, path)
 
 
 def hyperparameters(hypers, path: Path) -> None:
@@ -55,11 +58,13 @@ def hyperparameters(hypers, path: Path) -> None:
         im = axes[1].imshow(np.log10(lr.T), aspect="auto", interpolation="nearest", cmap="viridis")
         axes[1].set_yticks(range(layout.n_blocks)), axes[1].set_yticklabels(layout.names)
         axes[1].set_xlabel("training step"), fig.colorbar(im, ax=axes[1], label="log10 learning rate")
+        integer_axis(axes[1])
     elif shape == "iter":
         axes[1].plot(lr), axes[1].set_xlabel("training step"), axes[1].set_yscale("log")
+        integer_axis(axes[1])
     else:
         axes[1].hist(np.log10(np.ravel(lr)), bins=40)
         axes[1].set_xlabel("log10 learning rate")
     axes[1].set_title(f"learning rates ({shape})")
     fig.tight_layout()
-    save_figure(fig, path)
+    records.save_figure(fig, path)

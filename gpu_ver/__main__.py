@@ -13,7 +13,9 @@ An ``HPOError`` (bad option, data problem, non-finite loss) ends the process
 with a one-line ``error: ...`` on stderr and exit status 2; Ctrl-C with 130.
 
 ``info`` prints the Theano device, BLAS, compiler and compile cache; it writes
-``results.json`` only when ``--out`` is given.
+``results.json`` only when ``--out`` is given. ``summarize RUN_DIR...`` prints one
+table of earlier runs (``shared/summary.py``, the same as ``cpu_ver summarize``),
+writes ``summary.csv`` only when ``--out`` is given, and never imports Theano.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class Command:
     default_floatX: str = "float64"
     checkpoint: str | None = None       # the file --resume continues from (None: not resumable)
     run_folder: bool = True             # writes a run folder even without --out
+    theano: bool = True                 # False: never loads Theano (no --device/--floatX/--seed, no cache check)
 
 
 def argv_record(args) -> list:
@@ -157,7 +160,30 @@ COMMANDS: dict = {
 }
 
 
+def run_summarize(args) -> int:
+    from shared.summarize_cli import run_summarize as run  # noqa: PLC0415
+
+    return run(args, argv_record(args))
+
+
+def _add_summarize_args(p):
+    from shared.summarize_cli import add_summarize_arguments  # noqa: PLC0415
+
+    add_summarize_arguments(p)
+
+
+COMMANDS["summarize"] = Command("one table of several runs: the options that differ and their final figures "
+                                "(CSV with --out)", _add_summarize_args, run_summarize,
+                                run_folder=False, theano=False)
+
+
 def add_common_args(p, cmd: Command):
+    if not cmd.theano:
+        p.add_argument("--out", default=None,
+                       help="write the command's files there (default: print only)" if not cmd.run_folder
+                       else "output folder (default runs/<command>-<time>)")
+        cli.add_overwrite_argument(p.add_argument)
+        return
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<command>-<time>)")
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda|opencl",
@@ -198,11 +224,13 @@ def main(argv=None) -> int:
 
     def work():
         cli.check_options(args)
-        floatX = args.floatX or _env_floatX() or cmd.default_floatX
-        cli.check_writable_folder(config.default_cache_dir(), _cache_setting())
+        if cmd.theano:
+            floatX = args.floatX or _env_floatX() or cmd.default_floatX
+            cli.check_writable_folder(config.default_cache_dir(), _cache_setting())
         if cmd.run_folder or args.out:
             cli.prepare_run_folder(args, args.command, cmd.checkpoint)
-        config.load(device=args.device, floatX=floatX)
+        if cmd.theano:
+            config.load(device=args.device, floatX=floatX)
         return cmd.run(args)
     try:
         return cli.run_guarded(work)

@@ -154,77 +154,18 @@ def build_model(args, ds, M):
 
 
 # --------------------------------------------------------------------------- plots
-def _plot(run_dir, res, base, method_name, base_name) -> list:
-    """curves.png, hyperparameters.png, hyper_heatmap.png; returns the files written."""
-    import matplotlib  # noqa: PLC0415
+def _plot(run_dir, res, base, method_name, base_name, data_label) -> list:
+    """curves.png, hyperparameters.png, hyper_heatmap.png (``shared.plotting``, as cpu_ver draws them);
+    returns the files written."""
+    from shared.plotting import adaptive_figures  # noqa: PLC0415
 
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    from shared.records import save_figure  # noqa: PLC0415
-
-    run_dir = Path(run_dir)
-    written = []
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    for key, a in (("train_loss", ax[0]), ("val_loss", ax[1]), ("val_error", ax[2])):
-        a.plot(res["step"], res[key], label=method_name)
-        if base is not None:
-            a.plot(base["step"], base[key], "--", label=base_name)
-        a.set_xlabel("step")
-        a.set_ylabel(key.replace("_", " "))
-        if key != "val_error" and np.all(np.asarray(res[key]) > 0):
-            a.set_yscale("log")
-        a.legend()
-    fig.tight_layout()
-    save_figure(fig, run_dir / "curves.png")
-    written.append("curves.png")
-
-    steps = np.array(res["step"])
-    blocks = res["blocks"]
-    cmap = plt.get_cmap("viridis")
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, a, lab in (("lr_quantiles", ax[0], "learning rate"), ("l2_quantiles", ax[1], "L2 strength")):
-        q = np.array(res[key])          # steps x blocks x quantiles (0, .1, .5, .9, 1)
-        for b, name in enumerate(blocks):
-            col = cmap(b / max(len(blocks) - 1, 1))
-            a.plot(steps, np.maximum(q[:, b, 2], 1e-300), color=col, label=name if len(blocks) <= 12 else None)
-            a.fill_between(steps, np.maximum(q[:, b, 1], 1e-300), np.maximum(q[:, b, 3], 1e-300),
-                           color=col, alpha=0.15)
-        a.set_xlabel("step")
-        a.set_ylabel(f"{lab} (median, 10-90% per layer)")
-        if np.all(q > 0):
-            a.set_yscale("log")
-        if len(blocks) <= 12:
-            a.legend(fontsize=7)
-        else:
-            a.set_title(f"{len(blocks)} layers, colour = position (input dark, output light)", fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, run_dir / "hyperparameters.png")
-    written.append("hyperparameters.png")
-
-    fig, ax = plt.subplots(1, 2, figsize=(12, max(3.0, 0.18 * len(blocks) + 1.5)))
-    for key, a, lab in (("lr_quantiles", ax[0], "log10 median learning rate"),
-                        ("l2_quantiles", ax[1], "log10 median L2 strength")):
-        med = np.array(res[key])[:, :, 2].T
-        img = np.log10(np.maximum(med, 1e-300))
-        im = a.imshow(img, aspect="auto", interpolation="nearest", origin="upper",
-                      extent=(steps[0], steps[-1], len(blocks) - 0.5, -0.5))
-        a.set_yticks(range(len(blocks)))
-        a.set_yticklabels(blocks, fontsize=6)
-        a.set_xlabel("step")
-        a.set_title(lab, fontsize=9)
-        fig.colorbar(im, ax=a)
-    fig.tight_layout()
-    save_figure(fig, run_dir / "hyper_heatmap.png")
-    written.append("hyper_heatmap.png")
-    return written
+    return adaptive_figures(run_dir, res, base, method_name, base_name, data_label)
 
 
-def try_plot(run_dir, res, base, method_name, base_name) -> list:
+def try_plot(run_dir, res, base, method_name, base_name, data_label="") -> list:
     """``_plot``, or a warning and no files when matplotlib cannot be imported (GPU machines)."""
     try:
-        return _plot(run_dir, res, base, method_name, base_name)
+        return _plot(run_dir, res, base, method_name, base_name, data_label)
     except ImportError as e:
         warnings.warn(f"matplotlib is not available ({e}); plots skipped", RuntimeWarning, stacklevel=2)
         return []
@@ -305,7 +246,8 @@ def run_adaptive(args) -> dict:
         if timings.get("baseline_step_s_mean"):
             timings["step_overhead"] = timings["adaptive_step_s_mean"] / timings["baseline_step_s_mean"] - 1.0
     t0 = time.perf_counter()
-    metrics["plots"] = try_plot(run_dir, res, base, args.method, base_name)
+    metrics["plots"] = try_plot(run_dir, res, base, args.method, base_name,
+                                f"{ds.name}, {len(ds.train)} training examples, {args.steps} steps")
     timings["plots_s"] = time.perf_counter() - t0
     conf = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
     conf.update(model_description=model.describe(), method_config=method.config, data=ds.describe(),

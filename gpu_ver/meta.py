@@ -164,6 +164,9 @@ def plot_history(history: dict, path, title="meta-optimisation (DrMAD)") -> None
     a.legend()
     b.semilogy(it, np.maximum(history["hypergradient_norm"], 1e-300))
     b.set(xlabel="meta-iteration", ylabel="|hypergradient| (free coordinates)")
+    from shared.plotting import integer_axis  # noqa: PLC0415
+
+    integer_axis(a), integer_axis(b)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -202,6 +205,9 @@ def add_problem_arguments(p, iters=100, batch=100):
     p.add_argument("--lr-shape", default="scalar", choices=("scalar", "block", "iter", "iter_block"))
     p.add_argument("--momentum-shape", default="scalar", choices=("scalar", "block", "iter", "iter_block"))
     p.add_argument("--hypers", default="l2", help="tuned groups, comma-separated from l2,lr,momentum,init_scale")
+    p.add_argument("--hypers-from", default=None, metavar="RUN_DIR|FILE",
+                   help="start from the hyperparameters a run saved (RUN_DIR/hypers.json, or a hypers.npz/json "
+                        "file); they replace --lr, --momentum, --l2 and the --*-shape options")
     p.add_argument("--K", type=int, default=1, help="checkpoint segments (1 = DrMAD, T = every step stored)")
     p.add_argument("--grid", default="t/T", choices=("t/T", "cumlr"))
     p.add_argument("--velocity", default="reconstruct", choices=("reconstruct", "ignore"))
@@ -260,6 +266,11 @@ def build_problem(args):
                                      batch_seed=args.seed, init_seed=args.seed, val_chunk=args.val_chunk)
     hypers = problem.hypers(lr=args.lr, momentum=args.momentum, l2=args.l2, groups=groups, l2_shape=args.l2_shape,
                             lr_shape=args.lr_shape, momentum_shape=args.momentum_shape)
+    if args.hypers_from:
+        from shared.hyperparams import load_for_run  # noqa: PLC0415
+
+        hypers = load_for_run(args.hypers_from, problem.layout, args.iters, groups)
+        D.check_shapes(*(hypers.group(g).shape for g in ("l2", "lr", "momentum")))
     return problem, hypers, data.describe()
 
 

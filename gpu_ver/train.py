@@ -322,6 +322,9 @@ def plot_curves(hist: dict, path) -> None:
         b.plot(hist["epoch"], [100 * e for e in hist[f"{k}_error"]], label=k)
     a.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     b.set(xlabel="epoch", ylabel="error (%)", title="error")
+    from shared.plotting import integer_axis  # noqa: PLC0415
+
+    integer_axis(a), integer_axis(b)
     a.legend()
     b.legend()
     fig.tight_layout()

@@ -758,3 +758,50 @@ def standard(layout: ParamLayout, n_iters: int, *, lr, momentum, l2, init_scales
              "momentum": (momentum, "logit", momentum_shape),
              "init_scale": (init_scales, "log", "block")}
     return HyperParams.from_values(layout, n_iters, specs, tuned=groups)
+
+
+# --- --hypers-from: starting from hyperparameters an earlier run learned ---------
+
+HYPERS_STEM = "hypers"        # RUN_DIR/hypers.npz + hypers.json (``meta``, ``gpu_ver drmad``)
+
+
+def _layout_difference(saved: ParamLayout, here: ParamLayout) -> str:
+    """The first difference between two layouts, in words (names and shapes of the blocks)."""
+    def shape(s):
+        return "x".join(map(str, s)) or "scalar"
+    for i, (a, b) in enumerate(zip(zip(saved.names, saved.shapes), zip(here.names, here.shapes))):
+        if a != b:
+            return f"block {i} is {a[0]} {shape(a[1])} there, {b[0]} {shape(b[1])} in this model"
+    return f"{saved.n_blocks} parameter blocks there, {here.n_blocks} in this model"
+
+
+def load_for_run(source, layout: ParamLayout, n_iters: int, groups=None, option="--hypers-from") -> HyperParams:
+    """The hyperparameters saved in ``source`` (a run folder holding ``hypers.json`` and
+    ``hypers.npz``, or such a file / stem), for a run with ``layout`` and ``n_iters`` steps.
+
+    ConfigError, naming ``option`` and ``source``, for a path that holds none, a file
+    saved for another layout (which block differs) or for another number of training
+    steps. ``groups`` (the command's ``--hypers``) become the tuned groups; each must be
+    in the file. The file's values and shapes replace the command's ``--lr``, ``--l2``,
+    ``--momentum`` and ``--*-shape``."""
+    p = Path(os.fspath(source))
+    if p.is_dir():
+        if not (p / f"{HYPERS_STEM}.json").is_file():
+            raise ConfigError(f"{option} {source}: no {HYPERS_STEM}.json there (a run of meta or gpu_ver drmad "
+                              "saves its learned hyperparameters)")
+        p = p / HYPERS_STEM
+    elif not any(q.is_file() for q in _paths(p)):
+        raise ConfigError(f"{option} {source}: no such run folder or hyperparameter file")
+    h = HyperParams.load(p)
+    if h.layout != layout:
+        raise ConfigError(f"{option} {source}: saved for another layout ({h.layout.size} parameters; this model has "
+                          f"{layout.size}: {_layout_difference(h.layout, layout)})")
+    if h.n_iters != n_iters:
+        raise ConfigError(f"{option} {source}: saved for {h.n_iters} training steps; this run has {n_iters} (--iters)")
+    if groups is not None:
+        missing = [g for g in groups if g not in h]
+        if missing:
+            raise ConfigError(f"{option} {source}: has no {missing[0]!r} group to tune (it holds "
+                              f"{', '.join(h.names)})")
+        h = h.with_tuned(groups)
+    return h

@@ -60,7 +60,7 @@ def default_run_dir(command, root="runs", now=None) -> Path:
 # Files a command of this toolkit writes into its run folder: a folder holding one
 # of them holds a run.
 RUN_FILE_PATTERNS = (RESULTS_FILE, COMMAND_FILE, "checkpoint*.npz", "hypers.npz", "hypers.json",
-                     "hypergradient.npz", "*.png")
+                     "hypergradient.npz", "*.png", "summary.csv")
 _REPLACE = set()     # run folders whose earlier run files go when the new run makes the folder
 
 

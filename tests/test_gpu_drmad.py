@@ -176,3 +176,27 @@ def test_final_figures_are_those_of_the_saved_hyperparameters(mlp):
     assert final["val_loss"] == pytest.approx(eng.objective_after_training(saved, quantise=True), rel=1e-12)
     assert final["val_loss"] != hist["val_loss"][-1]
     assert set(final) == {"train_loss", "val_loss", "val_error", "test_error"}
+
+
+def test_drmad_starts_from_hyperparameters_learned_by_cpu_ver_meta(tmp_path, capsys):
+    """``gpu_ver drmad --hypers-from RUN_DIR``: cpu_ver meta's saved hyperparameters give
+    this backend the same validation loss; a file for another step count is refused."""
+    import json
+
+    import cpu_ver.__main__ as cpu_main
+    import gpu_ver.__main__ as gpu_main
+
+    tiny = ["--layers", "64,12,10", "--iters", "8", "--batch", "50", "--n-train", "200", "--n-val", "100",
+            "--no-progress"]
+    learned = tmp_path / "meta"
+    assert cpu_main.main(["meta", "--out", str(learned), "--meta-iters", "1", "--meta-lr", "0.5", *tiny]) == 0
+    want = json.loads((learned / "results.json").read_text())["metrics"]["final_val_loss"]
+    gpu = ["drmad", "--device", "cpu", "--floatX", "float64", "--hypers-from", str(learned), *tiny]
+    assert gpu_main.main([*gpu, "--out", str(tmp_path / "g")]) == 0
+    got = json.loads((tmp_path / "g" / "results.json").read_text())["metrics"]["val_loss"]
+    assert got == pytest.approx(want, rel=1e-9)
+    capsys.readouterr()
+    assert gpu_main.main([*gpu, "--iters", "9", "--out", str(tmp_path / "g9")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --hypers-from {learned}: saved for 8 training steps; this run has 9 (--iters)"
+    assert not (tmp_path / "g9").exists()

@@ -1,0 +1,152 @@
+"""Figures both backends draw the same way (matplotlib, imported only when a figure is made).
+
+* ``integer_axis``: ticks at whole numbers only (steps, meta-iterations, epochs);
+* ``log10_image``: log10 of a heat map's values with the non-positive and non-finite
+  entries masked (an L2 strength of 0 has no logarithm: it is drawn blank, and the
+  colour bar spans the finite values only);
+* ``set_log_scale``: a log axis only where the data span a decade or more (within a
+  decade a log axis labels several ticks with the same rounded text);
+* ``adaptive_figures``: curves.png, hyperparameters.png and hyper_heatmap.png of an
+  ``adaptive`` run (``cpu_ver`` and ``gpu_ver``), titled with the method and the data.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def pyplot():
+    """matplotlib.pyplot, with the Agg backend unless pyplot is already in use."""
+    import matplotlib  # noqa: PLC0415
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def integer_axis(ax, which="x") -> None:
+    """Major ticks of ``ax``'s ``which`` axis at integers only (no 0.5 steps)."""
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    getattr(ax, f"{which}axis").set_major_locator(MaxNLocator(integer=True))
+
+
+def log10_image(values):
+    """``log10(values)`` as a masked array: entries <= 0 or non-finite are masked."""
+    v = np.asarray(values, dtype=float)
+    ok = np.isfinite(v) & (v > 0)
+    out = np.full(v.shape, np.nan)
+    out[ok] = np.log10(v[ok])
+    return np.ma.masked_invalid(out)
+
+
+def set_log_scale(ax, values, which="y") -> bool:
+    """A log ``which`` axis when every value is positive and they span at least a decade;
+    returns whether it was set (otherwise a linear axis, its labels written out in full,
+    without an offset)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size and np.all(v > 0) and v.max() / v.min() >= 10:
+        getattr(ax, f"set_{which}scale")("log")
+        return True
+    from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
+
+    fmt = ScalarFormatter(useOffset=False)          # "0.0100002", not "2e-7" beside "+1e-2"
+    getattr(ax, f"{which}axis").set_major_formatter(fmt)
+    return False
+
+
+def constant(q) -> bool:
+    """Whether every entry of ``q`` is the same number (a hyperparameter the method never changed)."""
+    q = np.asarray(q, dtype=float)
+    return q.size == 0 or bool(np.nanmax(q) == np.nanmin(q))
+
+
+def adaptive_figures(run_dir, res, base, method_name, base_name, data_label) -> list:
+    """curves.png, hyperparameters.png, hyper_heatmap.png of an adaptive run; the names written.
+
+    ``res``/``base``: the method's and the plain optimiser's logs (``step``, ``train_loss``,
+    ``val_loss``, ``val_error``; ``res`` also ``lr_quantiles``, ``l2_quantiles``: logged step x
+    block x quantile (0, .1, .5, .9, 1), and ``blocks``). A hyperparameter the method keeps
+    fixed (HD methods' L2) gets no panel; the title says so."""
+    from shared.records import save_figure  # noqa: PLC0415
+
+    plt = pyplot()
+    run_dir = Path(run_dir)
+    title = f"{method_name}" + (f" vs {base_name}" if base is not None else "") + f" on {data_label}"
+    steps = np.asarray(res["step"])
+    blocks = list(res["blocks"])
+    written = []
+
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4.2))
+    for key, a, lab in (("train_loss", ax[0], "training loss (cross-entropy)"),
+                        ("val_loss", ax[1], "validation loss (cross-entropy)"),
+                        ("val_error", ax[2], "validation error (%)")):
+        scale = 100.0 if key == "val_error" else 1.0
+        runs = [(res, method_name, "-")] + ([(base, base_name, "--")] if base is not None else [])
+        for r, name, style in runs:
+            if key in r:
+                a.plot(r["step"], scale * np.asarray(r[key], dtype=float), style, marker=".", label=name)
+        if key != "val_error":
+            set_log_scale(a, np.concatenate([np.asarray(r[key], dtype=float) for r, _, _ in runs if key in r]))
+        a.set_xlabel("step")
+        a.set_ylabel(lab)
+        integer_axis(a)
+        a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, run_dir / "curves.png")
+    written.append("curves.png")
+
+    hyper = [(k, lab) for k, lab in (("lr_quantiles", "learning rate"), ("l2_quantiles", "L2 strength"))
+             if k in res and not constant(res[k])]
+    fixed = [f"{lab} fixed at {np.asarray(res[k], dtype=float).ravel()[0]:g}"
+             for k, lab in (("lr_quantiles", "learning rate"), ("l2_quantiles", "L2 strength"))
+             if k in res and constant(res[k]) and np.size(res[k])]
+    sub = title + (f"\n({'; '.join(fixed)}: not adapted by {method_name})" if fixed else "")
+    if hyper:
+        cmap = plt.get_cmap("viridis")
+        fig, ax = plt.subplots(1, len(hyper), figsize=(6 * len(hyper), 4.8), squeeze=False)
+        for (key, lab), a in zip(hyper, ax[0]):
+            q = np.asarray(res[key], dtype=float)
+            for b, name in enumerate(blocks):
+                col = cmap(b / max(len(blocks) - 1, 1))
+                a.plot(steps, q[:, b, 2], color=col, label=name if len(blocks) <= 12 else None)
+                a.fill_between(steps, q[:, b, 1], q[:, b, 3], color=col, alpha=0.15)
+            set_log_scale(a, q)
+            a.set_xlabel("step")
+            a.set_ylabel(f"{lab} (median, 10-90% per layer)")
+            integer_axis(a)
+            if len(blocks) <= 12:
+                a.legend(fontsize=7)
+            else:
+                a.set_title(f"{len(blocks)} layers, colour = position (input dark, output light)", fontsize=8)
+        fig.suptitle(sub)
+        fig.tight_layout()
+        save_figure(fig, run_dir / "hyperparameters.png")
+        written.append("hyperparameters.png")
+
+        fig, ax = plt.subplots(1, len(hyper), figsize=(6 * len(hyper), max(3.4, 0.18 * len(blocks) + 2.0)),
+                               squeeze=False)
+        for (key, lab), a in zip(hyper, ax[0]):
+            img = log10_image(np.asarray(res[key], dtype=float)[:, :, 2].T)
+            cm = plt.get_cmap("viridis").copy()
+            cm.set_bad("white")
+            half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5
+            im = a.imshow(img, aspect="auto", interpolation="nearest", origin="upper", cmap=cm,
+                          extent=(steps[0] - half, steps[-1] + half, len(blocks) - 0.5, -0.5))
+            a.set_yticks(range(len(blocks)))
+            a.set_yticklabels(blocks, fontsize=6)
+            a.set_xlabel("step")
+            integer_axis(a)
+            a.set_title(f"log10 median {lab}" + (" (blank: 0)" if np.ma.count_masked(img) else ""), fontsize=9)
+            fig.colorbar(im, ax=a)
+        fig.suptitle(sub)
+        fig.tight_layout()
+        save_figure(fig, run_dir / "hyper_heatmap.png")
+        written.append("hyper_heatmap.png")
+    return written
