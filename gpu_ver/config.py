@@ -118,6 +118,9 @@ def probe_gpu(kind: str = "cuda", platform: int = 0) -> tuple:
     what = "CUDA" if kind == "cuda" else f"OpenCL (platform {platform})"
     try:
         import pygpu.gpuarray as ga  # noqa: PLC0415 (optional dependency)
+        if kind == "opencl" and platform >= int(ga.count_platforms("opencl")):
+            # libgpuarray aborts the process when asked for the devices of a missing platform
+            return 0, f"pygpu sees {int(ga.count_platforms('opencl'))} OpenCL platform(s), not platform {platform}"
         n = int(ga.count_devices(kind, platform))
     except Exception as e:  # any failure of the optional backend means "no such device"
         msg = str(e).splitlines()[0] if str(e) else ""
