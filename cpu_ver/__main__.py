@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from shared.errors import ConfigError, HPOError
+from shared.interrupt import deferred, report, resumable, resume_argv
+
+PROG = "python -m cpu_ver"
 
 PACKAGES = ("numpy", "scipy", "autograd")
 GROUPS = ("l2", "lr", "momentum", "init_scale")
@@ -89,7 +93,7 @@ def _drmad_opts(args):
 
 
 def _config(args, data=None):
-    cfg = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    cfg = {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}   # not _argv
     if data is not None:
         cfg["data"] = data.describe()
     return cfg
@@ -168,14 +172,11 @@ def cmd_meta(args):
         raise ConfigError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
     stable = {k: v for k, v in config.items() if k not in ("resume", "progress", "out", "meta_iters")}
     t0 = time.perf_counter()
-    try:
+    with resumable(resume_argv(command_line(args), ["--resume"], out=run_dir)):
         hypers, hist = meta.run(problem, hypers, n_meta=args.meta_iters, method=args.method,
                                 drmad_opts=_drmad_opts(args), optimizer=args.optimizer, meta_lr=args.meta_lr,
                                 clip=args.clip, checkpoint=ckpt, resume=args.resume, config=stable,
                                 progress=args.progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same command plus --resume --out {run_dir}", file=sys.stderr)
-        raise SystemExit(130)
     timings = {"meta_s": time.perf_counter() - t0}
     hypers.save(run_dir / "hypers")
     plots.learning_curves(hist, run_dir / "learning_curves.png", f"meta-optimisation ({args.method}, {args.optimizer})")
@@ -225,16 +226,11 @@ def cmd_check(args):
 
 def cmd_adaptive(args):
     from cpu_ver.adaptive_cli import run_adaptive
-    try:
-        run_adaptive(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; the checkpoint is in the run folder: continue with --resume <run folder>",
-              file=sys.stderr)
-        raise SystemExit(130)
+    run_adaptive(args)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cpu_ver", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -266,13 +262,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def command_line(args) -> list:
+    """The command as the user ran it (for the resume hint an interruption prints)."""
+    return [*PROG.split(), *args._argv]
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args._argv = argv
+    # the commands that checkpoint: Ctrl-C from the start to the last file stops at a step boundary
+    scope = deferred() if args.func in (cmd_meta, cmd_adaptive) else nullcontext()
     try:
-        return int(args.func(args) or 0)
+        with scope:
+            return int(args.func(args) or 0)
     except HPOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:       # a checkpointing command stopped between two steps, or a hard stop
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import numpy as np
 from cpu_ver import adaptive as ad
 from cpu_ver.models import MLP, parse_layers
 from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, check_checkpoint_options,
-                           check_validation_split, method_kwargs, resolve_run_dir, run_identity,
-                           stop_for_baseline)
+                           check_validation_split, method_kwargs, resolve_run_dir, resume_command,
+                           run_identity, stop_for_baseline)
 from shared.errors import ConfigError
 
 _DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -145,6 +145,8 @@ def _rows(X):
 
 def run_adaptive(args) -> dict:
     """Run ``args.method`` (and the plain baseline), write results.json and plots; return results."""
+    from cpu_ver.__main__ import PROG
+    from shared.interrupt import resumable
     from shared.records import load_checkpoint, write_results
 
     timings = {}
@@ -168,9 +170,10 @@ def run_adaptive(args) -> dict:
         path = run_dir / CHECKPOINTS[name]
         ident = {**identity, "phase": name}
         resume = load_checkpoint(path, expect=ident) if args.resume is not None and path.exists() else None
-        return ad.train_online(meth, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
-                               progress=args.progress, checkpoint=path, checkpoint_every=args.checkpoint_every,
-                               identity=ident, resume=resume, stop_after=stop, **kw)
+        with resumable(resume_command(PROG, args, run_dir)):
+            return ad.train_online(meth, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
+                                   progress=args.progress, checkpoint=path, checkpoint_every=args.checkpoint_every,
+                                   identity=ident, resume=resume, stop_after=stop, **kw)
 
     def stopped(name, done):
         print(f"{name}: stopped after {done} of {args.steps} steps; continue with --resume {run_dir}")
@@ -205,7 +208,7 @@ def run_adaptive(args) -> dict:
     t0 = time.perf_counter()
     _plot(run_dir, res, base, args.method, base_name)
     timings["plots_s"] = time.perf_counter() - t0
-    config = {k: v for k, v in vars(args).items() if not callable(v)}
+    config = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
     config.update(layers=list(sizes), method_config=method.config, data=ds.describe())
     write_results(run_dir, sys.argv, config, metrics, timings, packages=("numpy", "scipy", "autograd"))
     line = (f"{args.method}: final train loss {metrics['final_train_loss']:.4f}, val loss "
@@ -221,7 +224,10 @@ def main(argv=None):
     """Stand-alone entry (``python -m cpu_ver.adaptive_cli``) until __main__ registers the command."""
     p = add_adaptive_arguments(argparse.ArgumentParser(prog="python -m cpu_ver adaptive", description=__doc__,
                                                        formatter_class=argparse.RawDescriptionHelpFormatter))
-    run_adaptive(p.parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args._argv = ["adaptive", *argv]
+    run_adaptive(args)
     return 0
 
 

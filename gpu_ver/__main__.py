@@ -21,10 +21,12 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 from gpu_ver import config
+from shared import interrupt
 from shared.errors import HPOError
 
 PROG = "python -m gpu_ver"
@@ -113,8 +115,10 @@ def run_train(args) -> int:
 
     cfg = train.config_from_args(args)
     out = out_dir(args)
-    res = train.train(cfg, out, argv_record(args), resume=args.resume, stop_after=args.stop_after,
-                      progress=not args.no_progress)
+    again = interrupt.resume_argv(argv_record(args), ["--resume", out], out=f"{out}-resumed")
+    with interrupt.resumable(again):
+        res = train.train(cfg, out, argv_record(args), resume=args.resume, stop_after=args.stop_after,
+                          progress=not args.no_progress)
     m = res["metrics"]
     print(f"{out}: {m['steps_done']}/{m['steps_total']} steps, final val error {m['final_val_error']}, "
           f"test error {m['final_test_error']}")
@@ -166,21 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def checkpoints(args) -> bool:
+    """Whether the command checkpoints between steps (and so lets Ctrl-C, from its start
+    to its last file, stop it at a step boundary): train, adaptive, drmad --meta-iters N."""
+    if args.command == "drmad":
+        return bool(args.meta_iters) and not args.memory_steps
+    return args.command in ("train", "adaptive")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args._argv = argv
     cmd = COMMANDS[args.command]
     try:
-        floatX = args.floatX or os.environ.get(config.ENV_FLOATX) or cmd.default_floatX
-        config.load(device=args.device, floatX=floatX)
-        return int(cmd.run(args) or 0)
+        with interrupt.deferred() if checkpoints(args) else nullcontext():
+            floatX = args.floatX or os.environ.get(config.ENV_FLOATX) or cmd.default_floatX
+            config.load(device=args.device, floatX=floatX)
+            return int(cmd.run(args) or 0)
     except HPOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted (a checkpoint was written where the command supports it)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:       # a checkpointing command stopped between two steps, or a hard stop
+        return interrupt.report(e)
 
 
 if __name__ == "__main__":

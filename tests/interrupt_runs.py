@@ -1,0 +1,167 @@
+"""Interrupt a command with SIGINT at random moments, resume it, compare with an uninterrupted run.
+
+Used by ``test_interrupt.py`` (cpu_ver) and ``test_gpu_interrupt.py`` (gpu_ver). One
+*chain* per command: the command is started, SIGINT arrives at a random step (read from
+its progress bar) and a random moment within that step, the resume command continues
+it and is interrupted the same way, and so on ``n`` times; the last resume runs to the
+end.
+Its results and arrays must equal those of one uninterrupted run bit for bit. Every
+interrupt must leave exit status 130, a checkpoint, and a message naming the exact
+resume command; most must land mid-run (0 < checkpoint step < end), or the chain
+would not test anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BAR = re.compile(rb"(\d+)/(\d+) \[")    # tqdm: "| 12/80 [00:03<...": steps done of the bar's total
+MESSAGE = "Continue with:\n"
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return env
+
+
+class Run:
+    """A started command: its output collected by a thread, which also follows its
+    progress bars (``progress``: steps done, summed over the bars a command draws one
+    after another, as ``adaptive`` does for its two runs)."""
+
+    def __init__(self, argv, cwd):
+        self.proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=cwd, env=_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.output, self.t_loop = bytearray(), None
+        self.progress, self._bar, self._offset = 0, (0, 0), 0
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):
+            self.output += chunk
+            for n, total in BAR.findall(chunk):
+                n, total = int(n), int(total)
+                if self.t_loop is None:
+                    self.t_loop = time.perf_counter()
+                if n < self._bar[0]:                 # the next bar: the previous one's steps are done
+                    self._offset += self._bar[1]
+                self._bar = (n, total)
+                self.progress = self._offset + n
+
+    def wait_progress(self, target, timeout=300):
+        """Until ``progress`` reaches ``target`` (False if the command ended first)."""
+        t_end = time.perf_counter() + timeout
+        while self.progress < target and self.proc.poll() is None and time.perf_counter() < t_end:
+            time.sleep(0.005)
+        return self.progress >= target and self.proc.poll() is None
+
+    def finish(self, timeout=600):
+        """Wait for the end; return (exit status, its output: stdout and stderr together)."""
+        self.proc.wait(timeout)
+        self.reader.join()
+        return self.proc.returncode, self.output.decode(errors="replace")
+
+
+def run(argv, cwd):
+    """Run to the end; return (seconds per step of its loop, its output)."""
+    r = Run(argv, cwd)
+    rc, out = r.finish()
+    assert rc == 0, f"{shlex.join(argv)} failed ({rc}):\n{out[-3000:]}"
+    assert r.t_loop is not None and r.progress > 0, "no progress bar: cannot tell where the loop is"
+    return (time.perf_counter() - r.t_loop) / r.progress, out
+
+
+def interrupt(argv, cwd, target, wait_s):
+    """Start ``argv``; once its progress bars show ``target`` steps, wait ``wait_s`` s
+    (a random point within a step) and send SIGINT. Return (exit status, output)."""
+    r = Run(argv, cwd)
+    if r.wait_progress(target):
+        time.sleep(wait_s)
+        r.proc.send_signal(signal.SIGINT)
+    return r.finish()
+
+
+def printed_resume(output: str):
+    """The resume command an interrupted run printed (argv after ``python -m``), or None."""
+    if MESSAGE not in output:
+        return None
+    words = shlex.split(output.split(MESSAGE, 1)[1].splitlines()[0])
+    return words[2:] if words[:2] == ["python", "-m"] else None
+
+
+def checkpointed_steps(folder: Path, names) -> int:
+    """Steps (or meta-iterations) held by the checkpoints ``names`` in ``folder``, summed (0 if missing)."""
+    from shared.records import load_checkpoint
+
+    total = 0
+    for name in names:
+        if (folder / name).exists():
+            meta = load_checkpoint(folder / name)[1]
+            total += int(meta.get("step", meta.get("meta_iter", 0)))
+    return total
+
+
+def arrays_of(folder: Path) -> dict:
+    """Every array of every .npz in ``folder``, by file and name."""
+    out = {}
+    for f in sorted(folder.glob("*.npz")):
+        with np.load(f, allow_pickle=False) as z:
+            out.update({(f.name, k): z[k] for k in z.files})
+    return out
+
+
+def metrics_of(folder: Path, drop=()) -> dict:
+    m = json.loads((folder / "results.json").read_text())["metrics"]
+    return {k: v for k, v in m.items() if k not in drop}
+
+
+def assert_same(got: Path, want: Path, drop=()):
+    """results.json metrics (as JSON text: values and types) and all arrays identical."""
+    assert json.dumps(metrics_of(got, drop), sort_keys=True) == json.dumps(metrics_of(want, drop), sort_keys=True)
+    a, b = arrays_of(got), arrays_of(want)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"{k} differs"
+
+
+def chain(argv, resume_of, progress_of, total, cwd, step_s, n=5, seed=0):
+    """Interrupt ``argv`` ``n`` times at random moments (seeded): each time at a step drawn
+    uniformly from those still to run, at a random point within it (``step_s``: seconds
+    per step of an uninterrupted run). Each resume is ``resume_of(argv)``, which the
+    command must also have printed; the last one runs to the end. ``progress_of(argv)``
+    reads the steps the checkpoint that ``argv`` resumes holds. Returns (log: one
+    (target step, exit status, checkpointed steps) per interrupt, the last argv, problems
+    seen: exit status other than 130, a missing or different resume command)."""
+    rng = np.random.default_rng(seed)
+    log, problems = [], []
+    for _ in range(n):
+        done = progress_of(argv)
+        if done >= total:                            # the last stop came after the last step
+            break
+        target = int(rng.integers(done, total))
+        rc, out = interrupt(argv, cwd, target, float(rng.uniform(0.0, 2.0 * step_s)))
+        if rc == 0:                                  # the signal came after the last step: nothing to resume
+            log.append((target, rc, total))
+            break
+        expected = resume_of(argv)
+        log.append((target, rc, progress_of(expected)))
+        printed = printed_resume(out)
+        if rc != 130 or printed != expected:
+            problems.append(f"exit {rc}, printed resume {printed}, expected {expected}:\n{out[-2000:]}")
+        argv = expected
+    if not log or log[-1][1] != 0:
+        run(argv, cwd)
+    return log, argv, problems
