@@ -7,7 +7,7 @@ it and is interrupted the same way, and so on ``n`` times; the last resume runs 
 end.
 Its results and arrays must equal those of one uninterrupted run bit for bit. Every
 interrupt must leave exit status 130, a checkpoint, and a message naming the exact
-resume command; most must land mid-run (0 < checkpoint step < end), or the chain
+resume command; all must land mid-run (0 < checkpoint step < end), or the chain
 would not test anything.
 """
 from __future__ import annotations
@@ -28,10 +28,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 BAR = re.compile(rb"(\d+)/(\d+) \[")    # tqdm: "| 12/80 [00:03<...": steps done of the bar's total
 MESSAGE = "Continue with:\n"
+LATE = 3      # steps a loaded machine may run between the progress bar's target and the stop
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    # TQDM_MININTERVAL/MINITERS: the bar redraws at every step, so its count is the step the
+    # loop is at (by default it redraws at most every 0.1 s and skips steps of a fast loop)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", TQDM_MININTERVAL="0", TQDM_MINITERS="1")
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     return env
 
@@ -62,11 +65,12 @@ class Run:
                 self.progress = self._offset + n
 
     def wait_progress(self, target, timeout=300):
-        """Until ``progress`` reaches ``target`` (False if the command ended first)."""
+        """Until a bar is drawn and ``progress`` reaches ``target`` (False if the command ended first)."""
         t_end = time.perf_counter() + timeout
-        while self.progress < target and self.proc.poll() is None and time.perf_counter() < t_end:
+        while ((self.t_loop is None or self.progress < target) and self.proc.poll() is None
+               and time.perf_counter() < t_end):
             time.sleep(0.005)
-        return self.progress >= target and self.proc.poll() is None
+        return self.t_loop is not None and self.progress >= target and self.proc.poll() is None
 
     def finish(self, timeout=600):
         """Wait for the end; return (exit status, its output: stdout and stderr together)."""
@@ -138,21 +142,26 @@ def assert_same(got: Path, want: Path, drop=()):
 
 
 def chain(argv, resume_of, progress_of, total, cwd, step_s, n=5, seed=0):
-    """Interrupt ``argv`` ``n`` times at random moments (seeded): each time at a step drawn
-    uniformly from those still to run, at a random point within it (``step_s``: seconds
-    per step of an uninterrupted run). Each resume is ``resume_of(argv)``, which the
+    """Interrupt ``argv`` ``n`` times at random moments (seeded): each time once a step
+    drawn uniformly from the next ``(total - done) // (interrupts left + 1)`` is done (at
+    least one further step, so that every interrupt lands past the last checkpoint and
+    leaves room for the ones after it), at a random point within the step after it
+    (``step_s``: seconds per step of an uninterrupted run). Each resume is ``resume_of(argv)``, which the
     command must also have printed; the last one runs to the end. ``progress_of(argv)``
     reads the steps the checkpoint that ``argv`` resumes holds. Returns (log: one
     (target step, exit status, checkpointed steps) per interrupt, the last argv, problems
     seen: exit status other than 130, a missing or different resume command)."""
     rng = np.random.default_rng(seed)
     log, problems = [], []
-    for _ in range(n):
+    for k in range(n):
         done = progress_of(argv)
         if done >= total:                            # the last stop came after the last step
             break
-        target = int(rng.integers(done, total))
-        rc, out = interrupt(argv, cwd, target, float(rng.uniform(0.0, 2.0 * step_s)))
+        # at most LATE steps pass between the target and the checkpoint, so each later
+        # interrupt needs LATE + 1 steps and the last must leave one to run
+        last = max(done + 1, min(done + (total - done) // (n - k + 1), total - (LATE + 1) * (n - k)))
+        target = int(rng.integers(done + 1, last + 1))
+        rc, out = interrupt(argv, cwd, target, float(rng.uniform(0.0, step_s)))
         if rc == 0:                                  # the signal came after the last step: nothing to resume
             log.append((target, rc, total))
             break
@@ -165,3 +174,9 @@ def chain(argv, resume_of, progress_of, total, cwd, step_s, n=5, seed=0):
     if not log or log[-1][1] != 0:
         run(argv, cwd)
     return log, argv, problems
+
+
+def assert_all_mid_run(log, total, n=5):
+    """All ``n`` interrupts stopped the command (exit 130) with a checkpoint strictly inside the run."""
+    mid = [after for _, rc, after in log if rc == 130 and 0 < after < total]
+    assert len(log) == n and len(mid) == n, f"not every interrupt landed mid-run: {log}"
