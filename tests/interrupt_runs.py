@@ -47,7 +47,7 @@ class Run:
     def __init__(self, argv, cwd):
         self.proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=cwd, env=_env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.output, self.t_loop = bytearray(), None
+        self.output, self.t_loop, self.t_last, self.first = bytearray(), None, None, 0
         self.progress, self._bar, self._offset = 0, (0, 0), 0
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -57,12 +57,13 @@ class Run:
             self.output += chunk
             for n, total in BAR.findall(chunk):
                 n, total = int(n), int(total)
-                if self.t_loop is None:
-                    self.t_loop = time.perf_counter()
                 if n < self._bar[0]:                 # the next bar: the previous one's steps are done
                     self._offset += self._bar[1]
                 self._bar = (n, total)
                 self.progress = self._offset + n
+                self.t_last = time.perf_counter()
+                if self.t_loop is None:
+                    self.t_loop, self.first = self.t_last, self.progress
 
     def wait_progress(self, target, timeout=300):
         """Until a bar is drawn and ``progress`` reaches ``target`` (False if the command ended first)."""
@@ -80,12 +81,13 @@ class Run:
 
 
 def run(argv, cwd):
-    """Run to the end; return (seconds per step of its loop, its output)."""
+    """Run to the end; return (seconds per step of its loop: first to last bar drawn,
+    not the work after the loop, its output)."""
     r = Run(argv, cwd)
     rc, out = r.finish()
     assert rc == 0, f"{shlex.join(argv)} failed ({rc}):\n{out[-3000:]}"
-    assert r.t_loop is not None and r.progress > 0, "no progress bar: cannot tell where the loop is"
-    return (time.perf_counter() - r.t_loop) / r.progress, out
+    assert r.t_loop is not None and r.progress > r.first, "no progress bar: cannot tell where the loop is"
+    return (r.t_last - r.t_loop) / (r.progress - r.first), out
 
 
 def interrupt(argv, cwd, target, wait_s):
@@ -133,12 +135,14 @@ def metrics_of(folder: Path, drop=()) -> dict:
 
 
 def assert_same(got: Path, want: Path, drop=()):
-    """results.json metrics (as JSON text: values and types) and all arrays identical."""
+    """results.json metrics (as JSON text: values and types) and all arrays identical: dtype,
+    shape and bytes (so a NaN equals the same NaN, as ``np.array_equal`` would not have it)."""
     assert json.dumps(metrics_of(got, drop), sort_keys=True) == json.dumps(metrics_of(want, drop), sort_keys=True)
     a, b = arrays_of(got), arrays_of(want)
     assert a.keys() == b.keys()
     for k in a:
-        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"{k} differs"
+        assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape) and a[k].tobytes() == b[k].tobytes(), \
+            f"{k} differs"
 
 
 def chain(argv, resume_of, progress_of, total, cwd, step_s, n=5, seed=0):
