@@ -184,3 +184,22 @@ def assert_all_mid_run(log, total, n=5):
     """All ``n`` interrupts stopped the command (exit 130) with a checkpoint strictly inside the run."""
     mid = [after for _, rc, after in log if rc == 130 and 0 < after < total]
     assert len(log) == n and len(mid) == n, f"not every interrupt landed mid-run: {log}"
+
+
+def option_value(argv, opt):
+    """The folder given to ``opt`` in ``argv`` (None: the option takes no value there)."""
+    i = argv.index(opt)
+    return Path(argv[i + 1]) if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+
+
+def chain_equals_reference(tmp_path, argv, resume_of, progress_of, final_dir, total, drop=()):
+    """Run ``argv`` once to the end and as a chain of 5 interrupts (``chain``); the chain's
+    final folder (``final_dir`` of its last argv) must equal the reference bit for bit and
+    every interrupt must have stopped the command mid-run."""
+    ref = tmp_path / "ref"
+    step_s, _ = run([*argv, "--out", str(ref)], tmp_path)
+    log, last, problems = chain([*argv, "--out", str(tmp_path / "cut")], resume_of, progress_of, total,
+                                tmp_path, step_s, n=5, seed=total)
+    assert_same(final_dir(last), ref, drop)
+    assert not problems, problems
+    assert_all_mid_run(log, total, n=5)
