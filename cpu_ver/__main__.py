@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from shared import cli
 from shared.errors import ConfigError
+from shared.interrupt import deferred, report, resumable, resume_argv
 from shared.online import CHECKPOINTS
 
 PACKAGES = ("numpy", "scipy", "autograd")
@@ -174,14 +176,11 @@ def cmd_meta(args):
     ckpt = run_dir / CHECKPOINT["meta"]
     stable = {k: v for k, v in config.items() if k not in ("resume", "progress", "out", "meta_iters", "overwrite")}
     t0 = time.perf_counter()
-    try:
+    with resumable(resume_argv(record_argv(args), ["--resume", str(run_dir)])):
         hypers, hist = meta.run(problem, hypers, n_meta=args.meta_iters, method=args.method,
                                 drmad_opts=_drmad_opts(args), optimizer=args.optimizer, meta_lr=args.meta_lr,
                                 clip=args.clip, checkpoint=ckpt, resume=args.resume is not None, config=stable,
                                 progress=args.progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same command plus --resume --out {run_dir}", file=sys.stderr)
-        raise SystemExit(130)
     timings = {"meta_s": float(sum(hist["seconds"])), "this_process_meta_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     final = meta.evaluate_hypers(problem, hypers)       # the saved hyperparameters, after the last update
@@ -238,12 +237,7 @@ def cmd_check(args):
 
 def cmd_adaptive(args):
     from cpu_ver.adaptive_cli import run_adaptive
-    try:
-        run_adaptive(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; the checkpoint is in the run folder: continue with --resume <run folder>",
-              file=sys.stderr)
-        raise SystemExit(130)
+    run_adaptive(args)
 
 
 def cmd_summarize(args):
@@ -311,8 +305,13 @@ def main(argv=None) -> int:
         cli.check_options(args)
         if args.command not in PRINT_ONLY or args.out:
             cli.prepare_run_folder(args, args.command, CHECKPOINT.get(args.command))
-        return args.func(args)
-    return cli.run_guarded(work)
+        # the commands that checkpoint: Ctrl-C from the start to the last file stops at a step boundary
+        with deferred() if args.func in (cmd_meta, cmd_adaptive) else nullcontext():
+            return args.func(args)
+    try:
+        return cli.run_guarded(work)
+    except KeyboardInterrupt as e:       # a checkpointing command stopped between two steps, or a hard stop
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -991,11 +991,14 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     Checkpoints as ``gpu_ver.adaptive.train_online``: with a ``checkpoint`` path, the
     weights, the method state (``state_arrays``), the curves so far and ``identity`` are
     written atomically every ``checkpoint_every`` steps (0: never in between), when the
-    loop ends and on KeyboardInterrupt; ``resume = (arrays, meta)`` continues from the
+    loop ends and when SIGINT/SIGTERM stops it (``shared.interrupt``: only between two
+    steps, so the checkpoint's step count and weights agree); ``resume = (arrays, meta)`` continues from the
     step it holds to the same result as an uninterrupted run; ``stop_after`` stops once
     that many steps are done. The curves carry ``steps_done``.
     """
     from shared.datasets import batch_indices
+    from shared.interrupt import check as check_interrupt
+    from shared.interrupt import checkpointed
     from shared.records import save_checkpoint
 
     X, y, Xv, yv = data
@@ -1051,24 +1054,23 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
         bar = tqdm(total=steps, initial=start, desc=desc or method.name, leave=False)
     done = start
     try:
-        for t in range(start, end):
-            i = batch_indices(len(y), batch_size, seed, t)
-            vbatch = None
-            if method.needs_val:
-                j = batch_indices(len(yv), vb, seed + 1, t)
-                vbatch = (Xv[j], yv[j])
-            w, state = step(method, model, w, state, (X[i], y[i]), vbatch)
-            done = t + 1
-            if due(done):
-                _finite("weights", w, t)
-                record(done, w, state)
-            if bar is not None:
-                bar.update(1)
-            if checkpoint_every and done % checkpoint_every == 0 and done < end:
-                save(done, w, state)
-    except KeyboardInterrupt:
-        save(done, w, state)
-        raise
+        with checkpointed(lambda: save(done, w, state)):
+            for t in range(start, end):
+                check_interrupt()                 # Ctrl-C takes effect here, between two steps
+                i = batch_indices(len(y), batch_size, seed, t)
+                vbatch = None
+                if method.needs_val:
+                    j = batch_indices(len(yv), vb, seed + 1, t)
+                    vbatch = (Xv[j], yv[j])
+                w, state = step(method, model, w, state, (X[i], y[i]), vbatch)
+                done = t + 1
+                if due(done):
+                    _finite("weights", w, t)
+                    record(done, w, state)
+                if bar is not None:
+                    bar.update(1)
+                if checkpoint_every and done % checkpoint_every == 0 and done < end:
+                    save(done, w, state)
     finally:
         if bar is not None:
             bar.close()

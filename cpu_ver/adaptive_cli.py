@@ -30,8 +30,8 @@ import numpy as np
 from cpu_ver import adaptive as ad
 from cpu_ver.models import MLP, parse_layers
 from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, check_checkpoint_options,
-                           check_validation_split, method_kwargs, resolve_run_dir, run_identity,
-                           stop_for_baseline)
+                           check_validation_split, method_kwargs, resolve_run_dir, resume_command,
+                           run_identity, stop_for_baseline)
 from shared.cli import add_overwrite_argument, invocation
 from shared.errors import ConfigError
 
@@ -120,6 +120,8 @@ def _rows(X):
 
 def run_adaptive(args) -> dict:
     """Run ``args.method`` (and the plain baseline), write results.json and plots; return results."""
+    from cpu_ver.__main__ import PROG
+    from shared.interrupt import resumable
     from shared.records import load_checkpoint, write_results
 
     timings = {}
@@ -143,9 +145,10 @@ def run_adaptive(args) -> dict:
         path = run_dir / CHECKPOINTS[name]
         ident = {**identity, "phase": name}
         resume = load_checkpoint(path, expect=ident) if args.resume is not None and path.exists() else None
-        return ad.train_online(meth, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
-                               progress=args.progress, checkpoint=path, checkpoint_every=args.checkpoint_every,
-                               identity=ident, resume=resume, stop_after=stop, **kw)
+        with resumable(resume_command(PROG, args, run_dir)):
+            return ad.train_online(meth, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
+                                   progress=args.progress, checkpoint=path, checkpoint_every=args.checkpoint_every,
+                                   identity=ident, resume=resume, stop_after=stop, **kw)
 
     def stopped(name, done):
         print(f"{name}: stopped after {done} of {args.steps} steps; continue with --resume {run_dir}")

@@ -32,7 +32,9 @@ from cpu_ver import drmad, reversible, sgd
 from cpu_ver.problem import Problem
 from shared.cli import option_identity
 from shared.errors import ConfigError, NonFiniteError
-from shared.meta_opt import clip_by_norm, make_optimizer
+from shared.interrupt import check as check_interrupt
+from shared.interrupt import checkpointed
+from shared.meta_opt import checkpoint_arrays, clip_by_norm, make_optimizer
 from shared.records import load_checkpoint, require_arrays, save_checkpoint
 
 
@@ -96,29 +98,36 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
         history = {k: list(arrays["hist_" + k]) for k in keys}
         start = int(meta["meta_iter"])
         hypers = hypers.unflatten(x)
-    bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc=f"meta ({method})", disable=not progress)
-    for i in bar:
-        t_iter = time.perf_counter()
-        res = compute_hypergradient(problem, hypers, method, drmad_opts)
-        g = hypers.flatten_free_grads(res.grads)
-        if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
-            raise NonFiniteError("hypergradient", f"{i} (meta-iteration)",
-                                 f"meta-objective {res.objective}; the training run may have diverged, "
-                                 "lower the learning rates or the meta step")
-        ev = evaluate(problem, res.w_final)
-        gnorm = float(np.linalg.norm(g))
-        for k, v in [("train_loss", ev["train_loss"]), ("val_loss", ev["val_loss"]),
-                     ("test_error", ev.get("test_error", float("nan"))),
-                     ("hypergradient_norm", gnorm), ("meta_objective", res.objective)]:
-            history[k].append(float(v))
-        x, state = opt.update(x, clip_by_norm(g, clip), state)
-        hypers = hypers.unflatten(x)
-        history["seconds"].append(time.perf_counter() - t_iter)     # kept across a resume, unlike a clock
-        bar.set_postfix(val=f"{ev['val_loss']:.4f}", gnorm=f"{gnorm:.3g}")
+
+    def save(done):
+        """The checkpoint after ``done`` meta-iterations (also the interrupted one's)."""
         if checkpoint is not None:
-            arrays = {"hypers": x, **{"opt_" + k: np.asarray(v) for k, v in state.items()},
-                      **{"hist_" + k: np.asarray(v, float) for k, v in history.items()}}
-            save_checkpoint(checkpoint, arrays, {**ident, "meta_iter": i + 1})
-        if on_iter is not None:
-            on_iter(i, hypers, history)
+            save_checkpoint(checkpoint, checkpoint_arrays(x, state, history), {**ident, "meta_iter": done})
+
+    bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc=f"meta ({method})", disable=not progress)
+    done = start
+    with checkpointed(lambda: save(done)):
+        for i in bar:
+            check_interrupt()                     # Ctrl-C takes effect here, between meta-iterations
+            t_iter = time.perf_counter()
+            res = compute_hypergradient(problem, hypers, method, drmad_opts)
+            g = hypers.flatten_free_grads(res.grads)
+            if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
+                raise NonFiniteError("hypergradient", f"{i} (meta-iteration)",
+                                     f"meta-objective {res.objective}; the training run may have diverged, "
+                                     "lower the learning rates or the meta step")
+            ev = evaluate(problem, res.w_final)
+            gnorm = float(np.linalg.norm(g))
+            for k, v in [("train_loss", ev["train_loss"]), ("val_loss", ev["val_loss"]),
+                         ("test_error", ev.get("test_error", float("nan"))),
+                         ("hypergradient_norm", gnorm), ("meta_objective", res.objective)]:
+                history[k].append(float(v))
+            x, state = opt.update(x, clip_by_norm(g, clip), state)
+            hypers = hypers.unflatten(x)
+            history["seconds"].append(time.perf_counter() - t_iter)     # kept across a resume, unlike a clock
+            bar.set_postfix(val=f"{ev['val_loss']:.4f}", gnorm=f"{gnorm:.3g}")
+            done = i + 1
+            save(done)
+            if on_iter is not None:
+                on_iter(i, hypers, history)
     return hypers, history

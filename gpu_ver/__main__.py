@@ -23,11 +23,12 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 from gpu_ver import config
-from shared import cli
+from shared import cli, interrupt
 from shared.errors import ConfigError
 
 PROG = "python -m gpu_ver"
@@ -120,8 +121,9 @@ def run_train(args) -> int:
     cfg = train.config_from_args(args)
     out = out_dir(args)
     resume = None if args.resume is None else out        # a run continues in its own folder
-    res = train.train(cfg, out, argv_record(args), resume=resume, stop_after=args.stop_after,
-                      progress=not args.no_progress)
+    with interrupt.resumable(interrupt.resume_argv(argv_record(args), ["--resume", str(out)])):
+        res = train.train(cfg, out, argv_record(args), resume=resume, stop_after=args.stop_after,
+                          progress=not args.no_progress)
     m = res["metrics"]
     print(f"{out}: {m['steps_done']}/{m['steps_total']} steps, final val error {m['final_val_error']}, "
           f"test error {m['final_test_error']}")
@@ -216,6 +218,14 @@ def _cache_setting() -> str:
     return config.ENV_CACHE if os.environ.get(config.ENV_CACHE) else "Theano compile cache"
 
 
+def checkpoints(args) -> bool:
+    """Whether the command checkpoints between steps (and so lets Ctrl-C, from its start
+    to its last file, stop it at a step boundary): train, adaptive, drmad --meta-iters N."""
+    if args.command == "drmad":
+        return bool(args.meta_iters) and not args.memory_steps
+    return args.command in ("train", "adaptive")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -233,10 +243,10 @@ def main(argv=None) -> int:
             config.load(device=args.device, floatX=floatX)
         return cmd.run(args)
     try:
-        return cli.run_guarded(work)
-    except KeyboardInterrupt:
-        print("interrupted (a checkpoint was written where the command supports it)", file=sys.stderr)
-        return 130
+        with interrupt.deferred() if checkpoints(args) else nullcontext():
+            return cli.run_guarded(work)
+    except KeyboardInterrupt as e:       # a checkpointing command stopped between two steps, or a hard stop
+        return interrupt.report(e)
 
 
 if __name__ == "__main__":

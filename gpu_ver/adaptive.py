@@ -1073,7 +1073,8 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     Checkpoints: with a ``checkpoint`` path, the run's arrays (``OnlineRun.get_arrays``),
     the curves so far and ``identity`` (a dict naming the run) are written there
     atomically every ``checkpoint_every`` steps (0: never in between), when the loop ends
-    and on KeyboardInterrupt. ``resume = (arrays, meta)`` from ``load_checkpoint``
+    and when SIGINT/SIGTERM stops it (``shared.interrupt``: only between two steps, never
+    after a compiled step has updated the shared variables but before it was counted). ``resume = (arrays, meta)`` from ``load_checkpoint``
     continues from the step it holds; the curves and the state then equal an
     uninterrupted run's bit for bit (minibatches are a function of (seed, t)).
     ``stop_after``: stop once this many steps are done, as an interruption would.
@@ -1082,6 +1083,8 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     import time
 
     from shared.datasets import batch_indices
+    from shared.interrupt import check as check_interrupt
+    from shared.interrupt import checkpointed
     from shared.records import save_checkpoint
 
     X, y, Xv, yv = data
@@ -1145,28 +1148,27 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
         bar = tqdm(total=steps, initial=start, desc=desc or method.name, leave=False)
     step_s, done = 0.0, start
     try:
-        for t in range(start, end):
-            i = batch_indices(len(y), batch_size, seed, t)
-            vbatch = ()
-            if method.needs_val:
-                j = batch_indices(len(yv), vb, seed + 1, t)
-                vbatch = (Xv[j], yv[j])
-            ts = time.perf_counter()
-            loss = run.step(X[i], y[i], *vbatch)["loss"]
-            done = t + 1
-            acc.append(loss)
-            step_s += time.perf_counter() - ts
-            if due(done):
-                te = time.perf_counter()
-                record(done)
-                eval_s += time.perf_counter() - te
-            if bar is not None:
-                bar.update(1)
-            if checkpoint_every and done % checkpoint_every == 0 and done < end:
-                save(done)
-    except KeyboardInterrupt:
-        save(done)
-        raise
+        with checkpointed(lambda: save(done)):
+            for t in range(start, end):
+                check_interrupt()                 # Ctrl-C takes effect here, never inside run.step
+                i = batch_indices(len(y), batch_size, seed, t)
+                vbatch = ()
+                if method.needs_val:
+                    j = batch_indices(len(yv), vb, seed + 1, t)
+                    vbatch = (Xv[j], yv[j])
+                ts = time.perf_counter()
+                loss = run.step(X[i], y[i], *vbatch)["loss"]
+                done = t + 1
+                acc.append(loss)
+                step_s += time.perf_counter() - ts
+                if due(done):
+                    te = time.perf_counter()
+                    record(done)
+                    eval_s += time.perf_counter() - te
+                if bar is not None:
+                    bar.update(1)
+                if checkpoint_every and done % checkpoint_every == 0 and done < end:
+                    save(done)
     finally:
         if bar is not None:
             bar.close()

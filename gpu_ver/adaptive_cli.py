@@ -42,7 +42,7 @@ import numpy as np
 
 from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_checkpoint_arguments,
                            check_checkpoint_options, check_validation_split, method_kwargs, resolve_run_dir,
-                           run_identity, stop_for_baseline)
+                           resume_command, run_identity, stop_for_baseline)
 from shared.cli import add_overwrite_argument, invocation
 from shared.errors import ConfigError
 
@@ -179,6 +179,8 @@ def run_adaptive(args) -> dict:
     theano = config.load()
     from gpu_ver import adaptive as ad  # noqa: PLC0415 (after config.load)
     from gpu_ver import models as M  # noqa: PLC0415
+    from gpu_ver.__main__ import PROG  # noqa: PLC0415
+    from shared.interrupt import resumable  # noqa: PLC0415
     from shared.records import load_checkpoint, write_results  # noqa: PLC0415
 
     if args.steps < 1 or args.eval_every < 1 or args.eval_train_n < 1 or args.eval_batch < 1:
@@ -201,10 +203,11 @@ def run_adaptive(args) -> dict:
         path = run_dir / CHECKPOINTS[name]
         ident = {**identity, "phase": name}
         resume = load_checkpoint(path, expect=ident) if args.resume is not None and path.exists() else None
-        return ad.train_online(meth, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
-                               eval_train_n=args.eval_train_n, progress=args.progress, eval_batch=args.eval_batch,
-                               checkpoint=path, checkpoint_every=args.checkpoint_every, identity=ident,
-                               resume=resume, stop_after=stop, **kw)
+        with resumable(resume_command(PROG, args, run_dir)):
+            return ad.train_online(meth, model, (X, y, Xv, yv), args.steps, args.batch, args.seed, args.eval_every,
+                                   eval_train_n=args.eval_train_n, progress=args.progress, eval_batch=args.eval_batch,
+                                   checkpoint=path, checkpoint_every=args.checkpoint_every, identity=ident,
+                                   resume=resume, stop_after=stop, **kw)
 
     def stopped(name, done):
         print(f"{name}: stopped after {done} of {args.steps} steps; continue with --resume {run_dir}")

@@ -35,7 +35,8 @@ import numpy as np
 
 from shared.cli import add_resume_argument, invocation, option_identity, parse_groups
 from shared.errors import ConfigError, NonFiniteError
-from shared.meta_opt import OPTIMIZERS, make_optimizer
+from shared import interrupt
+from shared.meta_opt import OPTIMIZERS, checkpoint_arrays, make_optimizer
 from shared.records import load_checkpoint, require_arrays, save_checkpoint
 
 KIND = "gpu_ver.meta/1"
@@ -105,29 +106,36 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
 
     p = engine.problem
     engine.f_eval            # compile the evaluation function now, never inside the loop
-    bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc="meta (drmad)", disable=not progress)
-    for i in bar:
-        t_iter = time.perf_counter()
-        res = engine.hypergradient(hypers)
-        g = hypers.flatten_free_grads({k: v for k, v in res.grads.items() if k in hypers.tuned})
-        if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
-            raise NonFiniteError("hypergradient", f"{i} (meta-iteration)",
-                                 f"validation loss {res.objective}; lower the learning rates or the meta step")
-        train_loss, _ = engine.evaluate(p.X_train, p.y_train)
-        test_err = engine.evaluate(p.X_test, p.y_test)[1] if p.y_test is not None and len(p.y_test) else float("nan")
-        gnorm = float(np.linalg.norm(g))
-        for k, v in zip(HISTORY_KEYS, (train_loss, res.objective, res.info["val_error"], test_err, gnorm)):
-            history[k].append(float(v))
-        x, state = opt.update(x, clip(g, clip_norm, clip_value), state)
-        hypers = hypers.unflatten(x)
-        history["seconds"].append(time.perf_counter() - t_iter)     # kept across a resume, unlike a clock
-        bar.set_postfix(val=f"{res.objective:.4f}", gnorm=f"{gnorm:.3g}")
+
+    def save(done):
+        """The checkpoint after ``done`` meta-iterations (also the interrupted one's)."""
         if checkpoint is not None:
-            arrays = {"hypers": x, **{"opt_" + k: np.asarray(v) for k, v in state.items()},
-                      **{"hist_" + k: np.asarray(v, float) for k, v in history.items()}}
-            save_checkpoint(checkpoint, arrays, {**ident, "meta_iter": i + 1})
-        if on_iter is not None:
-            on_iter(i, hypers, history)
+            save_checkpoint(checkpoint, checkpoint_arrays(x, state, history), {**ident, "meta_iter": done})
+
+    bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc="meta (drmad)", disable=not progress)
+    done = start
+    with interrupt.checkpointed(lambda: save(done)):
+        for i in bar:
+            interrupt.check()                     # Ctrl-C takes effect here, between meta-iterations
+            t_iter = time.perf_counter()
+            res = engine.hypergradient(hypers)
+            g = hypers.flatten_free_grads({k: v for k, v in res.grads.items() if k in hypers.tuned})
+            if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
+                raise NonFiniteError("hypergradient", f"{i} (meta-iteration)",
+                                     f"validation loss {res.objective}; lower the learning rates or the meta step")
+            train_loss, _ = engine.evaluate(p.X_train, p.y_train)
+            test_err = engine.evaluate(p.X_test, p.y_test)[1] if p.y_test is not None and len(p.y_test) else float("nan")
+            gnorm = float(np.linalg.norm(g))
+            for k, v in zip(HISTORY_KEYS, (train_loss, res.objective, res.info["val_error"], test_err, gnorm)):
+                history[k].append(float(v))
+            x, state = opt.update(x, clip(g, clip_norm, clip_value), state)
+            hypers = hypers.unflatten(x)
+            history["seconds"].append(time.perf_counter() - t_iter)     # kept across a resume, unlike a clock
+            bar.set_postfix(val=f"{res.objective:.4f}", gnorm=f"{gnorm:.3g}")
+            done = i + 1
+            save(done)
+            if on_iter is not None:
+                on_iter(i, hypers, history)
     bar.close()
     return hypers, history
 
@@ -331,9 +339,11 @@ def run_drmad(args) -> int:
         stable = {k: v for k, v in config.items()
                   if k not in ("resume", "no_progress", "out", "meta_iters", "overwrite")}
         t1 = time.perf_counter()
-        hypers, hist = run(engine, hypers, n_meta=args.meta_iters, optimizer=args.optimizer, meta_lr=args.meta_lr,
-                           clip_norm=args.clip, clip_value=args.clip_value, checkpoint=ckpt,
-                           resume=args.resume is not None, config=stable, progress=not args.no_progress)
+        with interrupt.resumable(interrupt.resume_argv(_argv(args), ["--resume", str(out)])):
+            hypers, hist = run(engine, hypers, n_meta=args.meta_iters, optimizer=args.optimizer,
+                               meta_lr=args.meta_lr, clip_norm=args.clip, clip_value=args.clip_value,
+                               checkpoint=ckpt, resume=args.resume is not None, config=stable,
+                               progress=not args.no_progress)
         timings["meta_s"] = float(sum(hist["seconds"]))      # every meta-iteration, also before a resume
         timings["this_process_meta_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()

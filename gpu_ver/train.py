@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_ver import config
-from shared import datasets, records
+from shared import datasets, interrupt, records
 from shared.errors import ConfigError, check_loss
 from shared.mlp_spec import parse_layers
 
@@ -255,34 +255,33 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
     end = total if stop_after is None else min(total, int(stop_after))
     t_train, t_eval, step = time.perf_counter(), 0.0, t0
     try:
-        for step in range(t0, end):
-            epoch = step // spe
-            lr = lr_at(epoch, cfg.lr, cfg.epochs)
-            state.lr.set_value(np.asarray(lr, fx))
-            idx = datasets.batch_indices(len(data.train), cfg.batch, cfg.seed, step)
-            Xb = data.train.X[idx]
-            if cfg.augment:
-                Xb = datasets.augment_cifar(Xb, cfg.seed, step)
-            loss, nll, n_err = step_fn(_as_input(model, Xb, fx), data.train.y[idx])
-            check_loss("training loss", loss, step + 1)
-            acc[0], acc[1] = acc[0] + float(nll), acc[1] + int(n_err)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.4f}", refresh=False)
-            if (step + 1) % spe == 0:
-                te = time.perf_counter()
-                vl, ve = evaluate(eval_fn, model, data.val, eval_batch, fx)
-                tl, tev = evaluate(eval_fn, model, data.test, eval_batch, fx)
-                t_eval += time.perf_counter() - te
-                for k, val in zip(hist, (epoch + 1, lr, acc[0] / spe, acc[1] / (spe * cfg.batch), vl, ve, tl, tev)):
-                    hist[k].append(val)
-                acc = [0.0, 0]
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save(step + 1)
-        step = end
-    except KeyboardInterrupt:
-        save(step)
-        raise
+        with interrupt.checkpointed(lambda: save(step)):
+            for step in range(t0, end):
+                interrupt.check()             # Ctrl-C takes effect here: step_fn updates the weights in place
+                epoch = step // spe
+                lr = lr_at(epoch, cfg.lr, cfg.epochs)
+                state.lr.set_value(np.asarray(lr, fx))
+                idx = datasets.batch_indices(len(data.train), cfg.batch, cfg.seed, step)
+                Xb = data.train.X[idx]
+                if cfg.augment:
+                    Xb = datasets.augment_cifar(Xb, cfg.seed, step)
+                loss, nll, n_err = step_fn(_as_input(model, Xb, fx), data.train.y[idx])
+                check_loss("training loss", loss, step + 1)
+                acc[0], acc[1] = acc[0] + float(nll), acc[1] + int(n_err)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.4f}", refresh=False)
+                if (step + 1) % spe == 0:
+                    te = time.perf_counter()
+                    vl, ve = evaluate(eval_fn, model, data.val, eval_batch, fx)
+                    tl, tev = evaluate(eval_fn, model, data.test, eval_batch, fx)
+                    t_eval += time.perf_counter() - te
+                    for k, val in zip(hist, (epoch + 1, lr, acc[0] / spe, acc[1] / (spe * cfg.batch), vl, ve, tl, tev)):
+                        hist[k].append(val)
+                    acc = [0.0, 0]
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    save(step + 1)
+            step = end
     finally:
         if bar is not None:
             bar.close()

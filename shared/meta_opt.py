@@ -73,3 +73,10 @@ def clip_by_norm(g: np.ndarray, max_norm) -> np.ndarray:
         return g
     norm = float(np.linalg.norm(g))
     return g if norm <= max_norm else g * (max_norm / norm)
+
+
+def checkpoint_arrays(x, state: dict, history: dict) -> dict:
+    """A meta-loop's checkpoint arrays (both backends): the free hyperparameter vector
+    ``hypers``, the optimiser state ``opt_<name>`` and the history ``hist_<key>``."""
+    return {"hypers": x, **{"opt_" + k: np.asarray(v) for k, v in state.items()},
+            **{"hist_" + k: np.asarray(v, float) for k, v in history.items()}}

@@ -216,6 +216,16 @@ def resolve_run_dir(args):
     return make_run_dir(prepare_run_folder(args, "adaptive", CHECKPOINTS["adaptive"]))
 
 
+def resume_command(prog: str, args, run_dir):
+    """The command that continues the adaptive run in ``run_dir`` after an interruption:
+    the one that was run (``prog`` plus ``args._argv``, which the command-line entries
+    set) with ``--resume run_dir``; None for arguments built in code (no command line)."""
+    from shared.interrupt import resume_argv
+
+    argv = getattr(args, "_argv", None)
+    return None if argv is None else resume_argv([*prog.split(), *argv], ["--resume", run_dir])
+
+
 def add_checkpoint_arguments(add) -> None:
     """``--checkpoint-every``, ``--resume``, ``--stop-after`` (``add``: a parser's add_argument)."""
     add("--checkpoint-every", type=int, default=0,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from cpu_ver import adaptive as ad
 from cpu_ver.adaptive_cli import add_adaptive_arguments, run_adaptive
 from cpu_ver.models import MLP
 from shared.errors import ConfigError, NonFiniteError
+from shared.interrupt import StopRequested
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 TOL = 1e-6
@@ -283,22 +286,23 @@ def test_run_adaptive_resumes_to_the_same_results(tmp_path, monkeypatch, method)
     assert metrics(cut) == want
     assert json.dumps(metrics(cut)) == json.dumps(want)            # same types too (step 10, not 10.0)
 
-    # Ctrl-C after step 20, before its record: the checkpoint holds step 20, the record is made on resume
+    # Ctrl-C during the record after step 20: the record is finished, the run stops before
+    # step 21 (shared.interrupt), the checkpoint holds step 20 with its record
     real = ad.block_quantiles
     calls = {"n": 0}
 
     def interrupt(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:              # records at 0 and 10 take two calls each; the one at 20 stops
-            raise KeyboardInterrupt
+        if calls["n"] == 5:              # records at 0 and 10 take two calls each; the one at 20 is hit
+            os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
     monkeypatch.setattr(ad, "block_quantiles", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(StopRequested):
         run_adaptive(_args(tmp_path / "c", "--method", method))
     monkeypatch.setattr(ad, "block_quantiles", real)
-    _, meta = load_checkpoint(tmp_path / "c" / CHECKPOINTS["adaptive"])
-    assert meta["step"] == 20
+    arrays, meta = load_checkpoint(tmp_path / "c" / CHECKPOINTS["adaptive"])
+    assert meta["step"] == 20 and arrays["curve/step"].tolist() == [0, 10, 20]
     run_adaptive(_args(tmp_path / "c", "--method", method, "--resume", str(tmp_path / "c")))
     assert metrics(tmp_path / "c") == want
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import warnings
 
@@ -20,6 +22,7 @@ from gpu_ver import adaptive as ad  # noqa: E402
 from gpu_ver import adaptive_cli as cli  # noqa: E402
 from gpu_ver import models as M  # noqa: E402
 from shared.errors import ConfigError, NonFiniteError  # noqa: E402
+from shared.interrupt import StopRequested  # noqa: E402
 from shared.online import CHECKPOINTS  # noqa: E402
 
 FD_TOL, CROSS_TOL = 1e-6, 1e-10
@@ -269,26 +272,26 @@ def test_adaptive_command_resumes_to_the_same_results(tmp_path, monkeypatch):
     assert _metrics(cut) == want
     assert json.dumps(_metrics(cut)) == json.dumps(want)           # same types too (step 10, not 10.0)
 
-    # interrupted (Ctrl-C) between a step and the record due after it: the checkpoint
-    # holds the step, and the resumed run makes the missing record first
+    # Ctrl-C during the record after step 5: the record is finished, the run stops before
+    # step 6 (shared.interrupt), the checkpoint holds step 5 with its record
     calls = {"n": 0}
     real_evaluate = ad.OnlineRun.evaluate
 
     def evaluate(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 3:              # records: step 0 (train, val), then step 5 -> interrupt
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return real_evaluate(self, *a, **k)
 
     monkeypatch.setattr(ad.OnlineRun, "evaluate", evaluate)
     ctrl_c = tmp_path / "ctrl_c"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(StopRequested):
         cli.run_adaptive(_mlp_args(ctrl_c))
     monkeypatch.setattr(ad.OnlineRun, "evaluate", real_evaluate)
     from shared.records import load_checkpoint  # noqa: PLC0415
 
     arrays, meta = load_checkpoint(ctrl_c / CHECKPOINTS["adaptive"])
-    assert meta["step"] == 5 and arrays["curve/step"].tolist() == [0.0]
+    assert meta["step"] == 5 and arrays["curve/step"].tolist() == [0, 5]
     cli.run_adaptive(_mlp_args(ctrl_c, "--resume", str(ctrl_c)))
     assert _metrics(ctrl_c) == want
 
