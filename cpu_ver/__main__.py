@@ -23,6 +23,7 @@ from shared.errors import ConfigError
 from shared.interrupt import deferred, report, resumable, resume_argv
 from shared.online import CHECKPOINTS
 
+PROG = "python -m cpu_ver"
 PACKAGES = ("numpy", "scipy", "autograd")
 GROUPS = ("l2", "lr", "momentum", "init_scale")
 DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -176,7 +177,7 @@ def cmd_meta(args):
     ckpt = run_dir / CHECKPOINT["meta"]
     stable = {k: v for k, v in config.items() if k not in ("resume", "progress", "out", "meta_iters", "overwrite")}
     t0 = time.perf_counter()
-    with resumable(resume_argv(record_argv(args), ["--resume", str(run_dir)])):
+    with resumable(resume_argv(record_argv(args), ["--resume"], out=run_dir)):
         hypers, hist = meta.run(problem, hypers, n_meta=args.meta_iters, method=args.method,
                                 drmad_opts=_drmad_opts(args), optimizer=args.optimizer, meta_lr=args.meta_lr,
                                 clip=args.clip, checkpoint=ckpt, resume=args.resume is not None, config=stable,
@@ -246,7 +247,7 @@ def cmd_summarize(args):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cpu_ver", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -121,7 +121,7 @@ def run_train(args) -> int:
     cfg = train.config_from_args(args)
     out = out_dir(args)
     resume = None if args.resume is None else out        # a run continues in its own folder
-    with interrupt.resumable(interrupt.resume_argv(argv_record(args), ["--resume", str(out)])):
+    with interrupt.resumable(interrupt.resume_argv(argv_record(args), ["--resume"], out=out)):
         res = train.train(cfg, out, argv_record(args), resume=resume, stop_after=args.stop_after,
                           progress=not args.no_progress)
     m = res["metrics"]

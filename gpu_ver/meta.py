@@ -339,7 +339,7 @@ def run_drmad(args) -> int:
         stable = {k: v for k, v in config.items()
                   if k not in ("resume", "no_progress", "out", "meta_iters", "overwrite")}
         t1 = time.perf_counter()
-        with interrupt.resumable(interrupt.resume_argv(_argv(args), ["--resume", str(out)])):
+        with interrupt.resumable(interrupt.resume_argv(_argv(args), ["--resume"], out=out)):
             hypers, hist = run(engine, hypers, n_meta=args.meta_iters, optimizer=args.optimizer,
                                meta_lr=args.meta_lr, clip_norm=args.clip, clip_value=args.clip_value,
                                checkpoint=ckpt, resume=args.resume is not None, config=stable,

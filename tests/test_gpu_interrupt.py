@@ -9,19 +9,17 @@ import interrupt_runs as IR
 from shared import interrupt
 
 
-TRAIN = ["gpu_ver", "train", "--dataset", "synthetic", "--depth", "7", "--growth", "3", "--image-size", "8",
+TRAIN = ["gpu_ver", "train", "--dataset", "synthetic-images", "--depth", "7", "--growth", "3", "--image-size", "8",
          "--n-train", "96", "--n-val", "32", "--n-test", "32", "--batch", "16", "--epochs", "8",
          "--eval-batch", "64", "--seed", "5"]
 
 
 def test_train_interrupted_five_times_resumes_bit_for_bit(tmp_path):
-    def resume_of(a):                    # a new folder: train never writes into the one it resumes
-        out = IR.option_value(a, "--out")
-        return interrupt.resume_argv(a, ["--resume", out], out=f"{out}-resumed")
+    def resume_of(a):                    # a run resumes in its own folder (every command alike)
+        return interrupt.resume_argv(a, ["--resume"], out=IR.option_value(a, "--out"))
 
     def progress_of(a):
-        src = IR.option_value(a, "--resume") if "--resume" in a else None
-        return 0 if src is None else IR.checkpointed_steps(src, ["checkpoint.npz"])
+        return IR.checkpointed_steps(IR.option_value(a, "--out"), ["checkpoint.npz"]) if "--resume" in a else 0
 
     IR.chain_equals_reference(tmp_path, TRAIN, resume_of, progress_of, lambda a: IR.option_value(a, "--out"), 48,
                             drop=("checkpoint",))
