@@ -29,7 +29,8 @@ import numpy as np
 
 from cpu_ver import adaptive as ad
 from cpu_ver.models import MLP, parse_layers
-from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, check_checkpoint_options,
+from shared.online import (baseline_kwargs, jsonable_start, kwargs_from_start, start_from_hypers,
+                           BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, check_checkpoint_options,
                            check_validation_split, method_kwargs, resolve_run_dir, run_identity,
                            stop_for_baseline)
 from shared.cli import add_overwrite_argument, invocation
@@ -87,14 +88,17 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     if not _has(parser, "--overwrite"):
         add_overwrite_argument(a)
+    if not _has(parser, "--hypers-from"):
+        a("--hypers-from", default=None, metavar="RUN_DIR|FILE",
+          help="start from the learning rate and L2 (at step 0) that a run saved (RUN_DIR/hypers.json, or a "
+               "hypers.npz/json file) for this layout and --steps")
     add_checkpoint_arguments(a)
     return parser
 
 
-def baseline_method(args, layout):
-    opt = BASELINE_OF.get(args.method, "sgd")
-    l2 = args.l2_init if args.method in ("t1t2", "combined") else args.l2
-    return ad.make_method(opt, layout, lr=args.lr, l2=l2, momentum=args.momentum)
+def baseline_method(args, layout, start=None):
+    """The plain optimiser for ``args.method``, from the same starting values (``start``)."""
+    return ad.make_method(BASELINE_OF.get(args.method, "sgd"), layout, **baseline_kwargs(args, start))
 
 
 def _load(args):
@@ -133,7 +137,8 @@ def run_adaptive(args) -> dict:
     if args.steps < 1 or args.eval_every < 1:
         raise ConfigError("--steps and --eval-every must be >= 1")
     check_checkpoint_options(args)
-    method = ad.make_method(args.method, model.layout, **method_kwargs(args))
+    start = start_from_hypers(args, model.layout)          # --hypers-from, before the run folder
+    method = ad.make_method(args.method, model.layout, **kwargs_from_start(args, start))
     check_validation_split(args.method, method.needs_val, len(yv))      # before the run folder is made
     run_dir = resolve_run_dir(args)
     identity = run_identity(args, "cpu_ver adaptive", layers=list(sizes), data=ds.describe())
@@ -171,7 +176,8 @@ def run_adaptive(args) -> dict:
         if stop is not None and stop <= 0:
             return stopped("baseline", 0)
         t0 = time.perf_counter()
-        base, wb, _ = phase("baseline", baseline_method(args, model.layout), stop, record_hypers=False,
+        base, wb, _ = phase("baseline", baseline_method(args, model.layout, start=start), stop,
+                            record_hypers=False,
                             desc=base_name)
         timings["this_process_baseline_s"] = time.perf_counter() - t0
         timings["baseline_s"] = base.pop("spent_s")
@@ -185,6 +191,8 @@ def run_adaptive(args) -> dict:
     timings["plots_s"] = time.perf_counter() - t0
     config = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
     config.update(layers=list(sizes), method_config=method.config, data=ds.describe())
+    if start:
+        config["hypers_start"] = jsonable_start(start)
     argv = invocation("cpu_ver", getattr(args, "_argv", ["adaptive", *sys.argv[1:]]))
     write_results(run_dir, argv, config, metrics, timings, packages=("numpy", "scipy", "autograd"))
     line = (f"{args.method}: final train loss {metrics['final_train_loss']:.4f}, val loss "

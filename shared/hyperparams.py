@@ -775,7 +775,8 @@ def _layout_difference(saved: ParamLayout, here: ParamLayout) -> str:
     return f"{saved.n_blocks} parameter blocks there, {here.n_blocks} in this model"
 
 
-def load_for_run(source, layout: ParamLayout, n_iters: int, groups=None, option="--hypers-from") -> HyperParams:
+def load_for_run(source, layout: ParamLayout, n_iters, groups=None, option="--hypers-from",
+                 steps_option="--iters") -> HyperParams:
     """The hyperparameters saved in ``source`` (a run folder holding ``hypers.json`` and
     ``hypers.npz``, or such a file / stem), for a run with ``layout`` and ``n_iters`` steps.
 
@@ -783,7 +784,8 @@ def load_for_run(source, layout: ParamLayout, n_iters: int, groups=None, option=
     saved for another layout (which block differs) or for another number of training
     steps. ``groups`` (the command's ``--hypers``) become the tuned groups; each must be
     in the file. The file's values and shapes replace the command's ``--lr``, ``--l2``,
-    ``--momentum`` and ``--*-shape``."""
+    ``--momentum`` and ``--*-shape``. ``n_iters=None``: any number of steps (the caller
+    checks the shapes); ``steps_option`` names the option that sets the steps."""
     p = Path(os.fspath(source))
     if p.is_dir():
         if not (p / f"{HYPERS_STEM}.json").is_file():
@@ -796,8 +798,9 @@ def load_for_run(source, layout: ParamLayout, n_iters: int, groups=None, option=
     if h.layout != layout:
         raise ConfigError(f"{option} {source}: saved for another layout ({h.layout.size} parameters; this model has "
                           f"{layout.size}: {_layout_difference(h.layout, layout)})")
-    if h.n_iters != n_iters:
-        raise ConfigError(f"{option} {source}: saved for {h.n_iters} training steps; this run has {n_iters} (--iters)")
+    if n_iters is not None and h.n_iters != n_iters:
+        raise ConfigError(f"{option} {source}: saved for {h.n_iters} training steps; this run has {n_iters} "
+                          f"({steps_option})")
     if groups is not None:
         missing = [g for g in groups if g not in h]
         if missing:
