@@ -808,3 +808,26 @@ def load_for_run(source, layout: ParamLayout, n_iters, groups=None, option="--hy
                               f"{', '.join(h.names)})")
         h = h.with_tuned(groups)
     return h
+
+
+def load_fixed(source, layout: ParamLayout, scalar=(), per_param=(), option="--hypers-from") -> dict:
+    """Values for a run that keeps its hyperparameters fixed over the steps (``gpu_ver train``):
+    from the file ``load_for_run`` finds in ``source`` (same layout; any number of steps),
+    each group of ``scalar`` as a float (its shape must be ``scalar``) and each group of
+    ``per_param`` as a (layout.size,) array (any shape that does not change with the step:
+    scalar, block, unit, param). A group the file lacks is left out; one of another shape
+    is refused, naming it."""
+    h = load_for_run(source, layout, None, option=option)
+    out = {}
+    for name in (*scalar, *per_param):
+        if name not in h:
+            continue
+        shape = h.group(name).shape
+        if name in scalar and shape != "scalar":
+            raise ConfigError(f"{option} {source}: its {name!r} has shape {shape!r}; this command takes one value "
+                              f"(a file whose {name!r} has shape 'scalar')")
+        if name in per_param and shape in ITER_SHAPES:
+            raise ConfigError(f"{option} {source}: its {name!r} has shape {shape!r} (one value per step); this "
+                              f"command keeps {name!r} fixed (shape scalar, block, unit or param)")
+        out[name] = float(h.value(name)) if name in scalar else h.per_param(name)
+    return out
