@@ -150,3 +150,88 @@ def adaptive_figures(run_dir, res, base, method_name, base_name, data_label) -> 
         save_figure(fig, run_dir / "hyper_heatmap.png")
         written.append("hyper_heatmap.png")
     return written
+
+
+# --- hypergradients (``hypergrad``) -----------------------------------------------------
+
+METHOD_LABELS = {"exact": "exact (reversible)", "drmad": "DrMAD"}
+
+
+def hypergradient_per_block(hypers, name, grad):
+    """(labels, sums): the hypergradient of group ``name`` summed over each parameter block
+    (and over the steps for ``iter``/``iter_block``); one sum over all parameters for the
+    ``scalar`` and ``iter`` shapes. A block's sum is the derivative with respect to adding
+    the same amount to every entry of the group in that block."""
+    from shared.hyperparams import units_of_block  # noqa: PLC0415
+
+    layout, shape = hypers.layout, hypers.group(name).shape
+    g = np.asarray(grad, dtype=float)
+    if shape in ("scalar", "iter"):
+        return ["all parameters"], np.array([g.sum()])
+    if shape == "block":
+        return list(layout.names), g
+    if shape == "iter_block":
+        return list(layout.names), g.sum(axis=0)
+    if shape == "param":
+        return list(layout.names), np.array([g[layout.slice(b)].sum() for b in range(layout.n_blocks)])
+    ends = np.cumsum([units_of_block(s) for s in layout.shapes])            # unit
+    return list(layout.names), np.array([g[e - units_of_block(s):e].sum() for e, s in zip(ends, layout.shapes)])
+
+
+def hypergradient_figure(path, hypers, grads_by_method: dict, title: str = "") -> Path:
+    """hypergradient.png: one row per hyperparameter group; left, the hypergradient summed
+    per parameter block, one bar per method; right (for the per-step shapes), the
+    hypergradient per training step summed over the blocks, one line per method."""
+    from shared import records  # noqa: PLC0415
+
+    plt = pyplot()
+    names = [n for n in hypers.tuned if all(n in g for g in grads_by_method.values())]
+    methods = list(grads_by_method)
+    fig, axes = plt.subplots(max(len(names), 1), 2, figsize=(12, 2.9 * max(len(names), 1)), squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for row, name in zip(axes, names):
+        shape = hypers.group(name).shape
+        for k, m in enumerate(methods):
+            labels, sums = hypergradient_per_block(hypers, name, grads_by_method[m][name])
+            x = np.arange(len(labels)) + (k - (len(methods) - 1) / 2) * width
+            row[0].bar(x, sums, width, label=METHOD_LABELS.get(m, m), color=f"C{k}")
+        row[0].set_xticks(range(len(labels))), row[0].set_xticklabels(labels)
+        row[0].axhline(0, color="0.5", lw=0.8)
+        over = ", over all steps" if shape in ("iter", "iter_block") else ""
+        row[0].set_title(f"d(validation loss)/d {name} ({shape}): summed per block{over}", fontsize=10)
+        row[0].set_ylabel(f"dL/d {name}")
+        if len(methods) > 1:
+            row[0].legend(fontsize=8)
+        if shape in ("iter", "iter_block"):
+            for k, m in enumerate(methods):
+                g = np.asarray(grads_by_method[m][name], dtype=float)
+                per_step = g if shape == "iter" else g.sum(axis=1)
+                row[1].plot(np.arange(len(per_step)), per_step, marker=".", label=METHOD_LABELS.get(m, m),
+                            color=f"C{k}")
+            row[1].axhline(0, color="0.5", lw=0.8)
+            row[1].set_xlabel("training step"), row[1].set_ylabel(f"dL/d {name}")
+            row[1].set_title(f"d(validation loss)/d {name} per step (summed over blocks)", fontsize=10)
+            integer_axis(row[1])
+            if len(methods) > 1:
+                row[1].legend(fontsize=8)
+        else:
+            row[1].set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return records.save_figure(fig, path)
+
+
+def save_hypergradients(path, grads_by_method: dict, names) -> Path:
+    """hypergradient.npz: key ``METHOD/GROUP`` (e.g. ``exact/lr``) per method and group, the
+    hypergradient with respect to the group's constrained values, in the group's shape."""
+    import io  # noqa: PLC0415
+
+    from shared.records import write_bytes_atomic  # noqa: PLC0415
+
+    arrays = {f"{m}/{n}": np.asarray(g[n], dtype=float) for m, g in grads_by_method.items() for n in names if n in g}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = Path(path)
+    write_bytes_atomic(path, buf.getvalue())
+    return path

@@ -83,3 +83,18 @@ def test_cli_subprocess_exit_status(tmp_path):
     p = subprocess.run([sys.executable, "-m", "cpu_ver", "hypergrad", "--momentum", "0", *TINY],
                        cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 2 and "momentum" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_hypergrad_writes_the_hypergradient_per_group_and_method(tmp_path):
+    import cpu_ver.__main__ as cpu_main
+
+    tiny = ["--layers", "64,8,10", "--iters", "6", "--batch", "50", "--n-train", "100", "--n-val", "50",
+            "--no-progress"]
+    for method, computed in (("all", ("exact", "drmad")), ("drmad", ("drmad",))):
+        out = tmp_path / method
+        assert cpu_main.main(["hypergrad", "--out", str(out), "--method", method, *tiny]) == 0
+        saved = np.load(out / "hypergradient.npz")
+        groups = ("l2", "lr", "momentum", "init_scale")
+        assert sorted(saved.files) == sorted(f"{m}/{g}" for m in computed for g in groups)
+        assert saved[f"{computed[0]}/lr"].shape == (6, 4) and np.any(saved[f"{computed[0]}/lr"] != 0)
+        assert (out / "hypergradient.png").stat().st_size > 0
