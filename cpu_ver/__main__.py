@@ -174,6 +174,7 @@ def cmd_meta(args):
     from cpu_ver import meta, plots
 
     problem, hypers, data = build(args)
+    start = hypers
     config = _config(args, data)
     from shared.records import make_run_dir
     run_dir = make_run_dir(args.out)          # resolved once, in main()
@@ -197,6 +198,10 @@ def cmd_meta(args):
         plots.learning_curves(hist, run_dir / "learning_curves.png",
                               f"meta-optimisation ({args.method}, {args.optimizer})", final=final)
     plots.hyperparameters(hypers, run_dir / "hyperparameters.png")
+    from shared.plotting import schedules_figure
+    schedules_figure(run_dir / "schedules.png", hypers, start,
+                     f"meta-optimisation ({args.method}, {args.optimizer}, "
+                     f"{len(hist['val_loss'])} meta-iteration{'' if len(hist['val_loss']) == 1 else 's'})")
     metrics = dict(hist)
     metrics.update({f"final_{k}": v for k, v in final.items()})
     metrics["learned"] = hypers.describe()

@@ -235,3 +235,69 @@ def save_hypergradients(path, grads_by_method: dict, names) -> Path:
     path = Path(path)
     write_bytes_atomic(path, buf.getvalue())
     return path
+
+
+# --- learned momentum schedule and initial scales (``meta``) ------------------------------
+
+SCHEDULE_GROUPS = ("momentum", "init_scale")
+
+
+def _describe_start(start, name) -> str:
+    """'started at 0.9' when the starting values of ``name`` were all the same."""
+    if start is None or name not in start:
+        return ""
+    v = np.asarray(start.value(name), dtype=float)
+    return f", started at {v.flat[0]:.3g}" if v.size and np.all(v == v.flat[0]) else ""
+
+
+SHAPE_WORDS = {"scalar": "one value", "block": "per block", "unit": "mean per block", "param": "mean per block",
+               "iter": "per step", "iter_block": "per step and block"}
+
+
+def schedules_figure(path, hypers, start=None, title: str = ""):
+    """schedules.png: the learned momentum schedule and the initial weight scales, for the
+    groups of ``SCHEDULE_GROUPS`` that ``hypers`` tunes; ``start`` (the hyperparameters
+    before meta-optimisation) is drawn beside them where it is not a heat map. Returns the
+    path, or None when neither group is tuned (no figure)."""
+    from shared import records  # noqa: PLC0415
+
+    names = [n for n in SCHEDULE_GROUPS if n in hypers.tuned]
+    if not names:
+        return None
+    plt = pyplot()
+    layout = hypers.layout
+    fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        shape, v = hypers.group(name).shape, np.asarray(hypers.value(name), dtype=float)
+        what = "momentum" if name == "momentum" else "initial weight scale"
+        if shape == "iter_block":
+            im = ax.imshow(v.T, aspect="auto", interpolation="nearest", cmap="viridis")
+            ax.set_yticks(range(layout.n_blocks)), ax.set_yticklabels(layout.names)
+            ax.set_xlabel("training step"), fig.colorbar(im, ax=ax, label=what)
+            integer_axis(ax)
+        elif shape == "iter":
+            ax.plot(np.arange(len(v)), v, marker=".", label="learned")
+            if start is not None and name in start:
+                ax.plot(np.arange(len(v)), start.value(name), ls="--", color="0.5", label="start")
+                ax.legend(fontsize=8)
+            ax.set_xlabel("training step"), ax.set_ylabel(what)
+            integer_axis(ax)
+        else:
+            labels = ["all parameters"] if shape == "scalar" else list(layout.names)
+            vals = np.atleast_1d(v) if shape in ("scalar", "block") else np.array(
+                [hypers.per_param(name)[layout.slice(b)].mean() for b in range(layout.n_blocks)])
+            x = np.arange(len(labels))
+            bars = ax.bar(x, vals, 0.6, label="learned")
+            ax.bar_label(bars, labels=[f"{b:.3g}" for b in vals], label_type="center", color="white", fontsize=8)
+            if start is not None and name in start and start.group(name).shape == shape:
+                s0 = np.atleast_1d(np.asarray(start.value(name), dtype=float))
+                if s0.shape == vals.shape:
+                    ax.plot(x, s0, ls="none", marker="_", markersize=30, mew=2, color="C3", label="start")
+            ax.set_xticks(x), ax.set_xticklabels(labels), ax.set_ylabel(what)
+            set_log_scale(ax, vals)
+            ax.legend(fontsize=8)
+        ax.set_title(f"learned {what}, {SHAPE_WORDS[shape]}{_describe_start(start, name)}", fontsize=10)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return records.save_figure(fig, path)

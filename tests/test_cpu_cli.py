@@ -98,3 +98,19 @@ def test_hypergrad_writes_the_hypergradient_per_group_and_method(tmp_path):
         assert sorted(saved.files) == sorted(f"{m}/{g}" for m in computed for g in groups)
         assert saved[f"{computed[0]}/lr"].shape == (6, 4) and np.any(saved[f"{computed[0]}/lr"] != 0)
         assert (out / "hypergradient.png").stat().st_size > 0
+
+
+def test_meta_plots_the_learned_momentum_and_initial_scales_when_tuned(tmp_path):
+    import cpu_ver.__main__ as cpu_main
+
+    tiny = ["--layers", "64,8,10", "--iters", "6", "--batch", "50", "--n-train", "100", "--n-val", "50",
+            "--meta-iters", "1", "--no-progress"]
+    out = tmp_path / "all"
+    assert cpu_main.main(["meta", "--out", str(out), *tiny]) == 0
+    assert (out / "schedules.png").stat().st_size > 0 and (out / "hyperparameters.png").exists()
+    out = tmp_path / "some"
+    assert cpu_main.main(["meta", "--out", str(out), "--hypers", "init_scale", *tiny]) == 0
+    assert (out / "schedules.png").exists()
+    out = tmp_path / "none"
+    assert cpu_main.main(["meta", "--out", str(out), "--hypers", "l2,lr", *tiny]) == 0
+    assert not (out / "schedules.png").exists() and (out / "hyperparameters.png").exists()
