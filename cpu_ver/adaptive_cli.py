@@ -29,9 +29,9 @@ import numpy as np
 
 from cpu_ver import adaptive as ad
 from cpu_ver.models import MLP, parse_layers
-from shared.online import (baseline_kwargs, jsonable_start, kwargs_from_start, start_from_hypers,
-                           BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, check_checkpoint_options,
-                           check_validation_split, method_kwargs, resolve_run_dir, run_identity,
+from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, baseline_kwargs, baseline_metrics,
+                           check_checkpoint_options, check_validation_split, final_metrics, jsonable_start,
+                           kwargs_from_start, resolve_run_dir, run_identity, start_from_hypers,
                            stop_for_baseline)
 from shared.cli import add_overwrite_argument, invocation
 from shared.errors import ConfigError
@@ -163,9 +163,13 @@ def run_adaptive(args) -> dict:
     if res["steps_done"] < args.steps:
         return stopped("adaptive", res["steps_done"])
     metrics = dict(res)
-    metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
-                   final_val_error=res["val_error"][-1],
-                   test_error=model.error(w, _rows(ds.test.X), ds.test.y) if len(ds.test) else None)
+    Xt, yt, has_test = _rows(ds.test.X), ds.test.y, len(ds.test) > 0
+
+    def test_metrics(weights):
+        """(test cross-entropy, test error) of ``weights``; (None, None) without a test split."""
+        return (model.nll(weights, Xt, yt), model.error(weights, Xt, yt)) if has_test else (None, None)
+
+    metrics.update(final_metrics(res, *test_metrics(w), has_test))
     lr_state = state.lr if isinstance(state, ad.CombinedState) else state
     if hasattr(lr_state, "n_projected"):
         metrics["n_projected"] = int(lr_state.n_projected)
@@ -177,14 +181,12 @@ def run_adaptive(args) -> dict:
             return stopped("baseline", 0)
         t0 = time.perf_counter()
         base, wb, _ = phase("baseline", baseline_method(args, model.layout, start=start), stop,
-                            record_hypers=False,
-                            desc=base_name)
+                            record_hypers=False, desc=base_name)
         timings["this_process_baseline_s"] = time.perf_counter() - t0
         timings["baseline_s"] = base.pop("spent_s")
         if base["steps_done"] < args.steps:
             return stopped("baseline", base["steps_done"])
-        metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
-                                   final_val_loss=base["val_loss"][-1])
+        metrics.update(baseline_metrics(base, base_name, *test_metrics(wb), has_test, metrics))
     t0 = time.perf_counter()
     _plot(run_dir, res, base, args.method, base_name,
           f"{ds.name}, {len(y)} training examples, {args.steps} steps")

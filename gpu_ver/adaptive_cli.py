@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.online import (baseline_kwargs, jsonable_start, kwargs_from_start, start_from_hypers,
-                           BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_checkpoint_arguments,
-                           check_checkpoint_options, check_validation_split, method_kwargs, resolve_run_dir,
-                           run_identity, stop_for_baseline)
+from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_checkpoint_arguments,
+                           baseline_kwargs, baseline_metrics, check_checkpoint_options, check_validation_split,
+                           final_metrics, jsonable_start, kwargs_from_start, resolve_run_dir,
+                           run_identity, start_from_hypers, stop_for_baseline)
 from shared.cli import add_overwrite_argument, invocation
 from shared.errors import ConfigError
 
@@ -224,10 +224,7 @@ def run_adaptive(args) -> dict:
     timings["train_s"] = timings.pop("adaptive_spent_s")        # the whole run, also before a resume
     metrics = dict(res)
     test_loss, test_err = run.evaluate(ds.test.X, ds.test.y, args.eval_batch)
-    metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
-                   final_val_error=res["val_error"][-1],
-                   test_loss=test_loss if len(ds.test) else None, test_error=test_err if len(ds.test) else None,
-                   n_params=model.layout.size)
+    metrics.update(final_metrics(res, test_loss, test_err, len(ds.test) > 0), n_params=model.layout.size)
     if "n_projected" in run.S:
         metrics["n_projected"] = int(run.state()["n_projected"])
     base, base_name = None, BASELINE_OF.get(args.method, "sgd")
@@ -237,18 +234,14 @@ def run_adaptive(args) -> dict:
             return stopped("baseline", 0)
         t0 = time.perf_counter()
         base, brun = phase("baseline", baseline_method(args, model.layout, ad, start=start), stop,
-                            record_hypers=False,
-                           desc=base_name)
+                           record_hypers=False, desc=base_name)
         timings["this_process_baseline_s"] = time.perf_counter() - t0
         if base["steps_done"] < args.steps:
             return stopped("baseline", base["steps_done"])
         timings.update({f"baseline_{k}": v for k, v in base.pop("timings").items()})
         timings["baseline_s"] = timings.pop("baseline_spent_s")
         bl, be = brun.evaluate(ds.test.X, ds.test.y, args.eval_batch)
-        metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
-                                   final_val_loss=base["val_loss"][-1], final_val_error=base["val_error"][-1],
-                                   test_loss=bl if len(ds.test) else None, test_error=be if len(ds.test) else None)
-        metrics["val_loss_adaptive_minus_baseline"] = metrics["final_val_loss"] - base["val_loss"][-1]
+        metrics.update(baseline_metrics(base, base_name, bl, be, len(ds.test) > 0, metrics))
         if timings.get("baseline_step_s_mean"):
             timings["step_overhead"] = timings["adaptive_step_s_mean"] / timings["baseline_step_s_mean"] - 1.0
     t0 = time.perf_counter()

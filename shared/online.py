@@ -339,3 +339,19 @@ def baseline_kwargs(args, start=None) -> dict:
     l2 = start.get("l2_init", start.get("l2", l2))
     lr = start["lr"] if np.ndim(start.get("lr", 0.0)) == 0 and "lr" in start else args.lr
     return dict(lr=lr, l2=l2, momentum=args.momentum)
+
+
+def final_metrics(res: dict, test_loss, test_error, has_test: bool) -> dict:
+    """The metrics both ``adaptive`` commands report for a finished run (the adaptive one or
+    its baseline): ``final_train_loss``, ``final_val_loss``, ``final_val_error`` (last logged
+    step) and ``test_loss``, ``test_error`` (None without a test split)."""
+    return dict(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
+                final_val_error=res["val_error"][-1], test_loss=test_loss if has_test else None,
+                test_error=test_error if has_test else None)
+
+
+def baseline_metrics(base: dict, optimizer: str, test_loss, test_error, has_test: bool, adaptive: dict) -> dict:
+    """``metrics`` entries for the plain optimiser run beside an adaptive one: ``baseline``
+    (its curves, ``optimizer`` and ``final_metrics``) and ``val_loss_adaptive_minus_baseline``."""
+    b = dict(base, optimizer=optimizer, **final_metrics(base, test_loss, test_error, has_test))
+    return {"baseline": b, "val_loss_adaptive_minus_baseline": adaptive["final_val_loss"] - b["final_val_loss"]}

@@ -114,3 +114,19 @@ def test_meta_plots_the_learned_momentum_and_initial_scales_when_tuned(tmp_path)
     out = tmp_path / "none"
     assert cpu_main.main(["meta", "--out", str(out), "--hypers", "l2,lr", *tiny]) == 0
     assert not (out / "schedules.png").exists() and (out / "hyperparameters.png").exists()
+
+
+def test_adaptive_reports_the_baseline_beside_the_adaptive_run(tmp_path):
+    """The same metric names as gpu_ver adaptive (shared.online.final_metrics / baseline_metrics)."""
+    import cpu_ver.__main__ as cpu_main
+
+    out = tmp_path / "a"
+    assert cpu_main.main(["adaptive", "--out", str(out), "--layers", "64,8,10", "--steps", "6", "--batch", "50",
+                          "--n-train", "100", "--n-val", "50", "--eval-every", "3", "--no-progress"]) == 0
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    finals = ("final_train_loss", "final_val_loss", "final_val_error", "test_loss", "test_error")
+    for k in finals:
+        assert np.isfinite(m[k]) and np.isfinite(m["baseline"][k]), k
+    assert m["baseline"]["final_val_loss"] == m["baseline"]["val_loss"][-1]
+    assert m["val_loss_adaptive_minus_baseline"] == pytest.approx(m["final_val_loss"] - m["baseline"]["final_val_loss"])
+    assert 0 <= m["baseline"]["test_error"] <= 1 and m["baseline"]["optimizer"] == "sgd"
