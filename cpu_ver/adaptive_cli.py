@@ -9,7 +9,9 @@ for the same steps, seed and batches unless ``--no-baseline``.
 metrics: ``step``, ``train_loss`` (full training cross-entropy), ``val_loss``,
 ``val_error`` per logged step; ``lr_quantiles`` / ``l2_quantiles`` (logged step
 x block x quantile, quantiles in ``quantiles``, blocks in ``blocks``);
-``final_*``; ``test_error``; ``baseline`` (the plain optimiser's curves);
+``final_train_loss``, ``final_val_loss``, ``final_val_error``, ``test_loss``, ``test_error``;
+``baseline`` (the plain optimiser's curves and the same finals) and
+``val_loss_adaptive_minus_baseline`` (the names of gpu_ver adaptive);
 ``n_projected`` (learning-rate projections that bit, additive HD only).
 
 Checkpoints: ``checkpoint-adaptive.npz`` and ``checkpoint-baseline.npz`` in the run
