@@ -158,8 +158,8 @@ def cmd_hypergrad(args):
     grads = {m: r.grads for m, r in results.items()}
     save_hypergradients(Path(args.out) / "hypergradient.npz", grads, tuned)
     hypergradient_figure(Path(args.out) / "hypergradient.png", hypers, grads,
-                         f"hypergradients of the validation loss ({', '.join(METHOD_LABELS.get(m, m) for m in grads)}; {data.name}, "
-                         f"{args.iters} training steps)")
+                         f"hypergradients of the validation loss: {', '.join(METHOD_LABELS.get(m, m) for m in grads)} "
+                         f"- {data.name}, {args.iters} training steps")
     print(f"objective {metrics['val_loss']:.6f}; |hypergradient| per group: "
           + ", ".join(f"{k} {v:.3e}" for k, v in metrics["hypergradient_norm"].items()))
     for k in ("reversal_max_abs_error", "buffer_bits_per_weight_step", "cosine_drmad_vs_exact",

@@ -197,11 +197,10 @@ def hypergradient_figure(path, hypers, grads_by_method: dict, title: str = "") -
             row[0].bar(x, sums, width, label=METHOD_LABELS.get(m, m), color=f"C{k}")
         row[0].set_xticks(range(len(labels))), row[0].set_xticklabels(labels)
         row[0].axhline(0, color="0.5", lw=0.8)
-        over = ", over all steps" if shape in ("iter", "iter_block") else ""
-        row[0].set_title(f"d(validation loss)/d {name} ({shape}): summed per block{over}", fontsize=10)
+        how = {"scalar": "one value for all parameters", "iter": "summed over all steps",
+               "iter_block": "summed per block, over all steps"}.get(shape, "summed per block")
+        row[0].set_title(f"d(validation loss)/d {name} ({shape}): {how}", fontsize=10)
         row[0].set_ylabel(f"dL/d {name}")
-        if len(methods) > 1:
-            row[0].legend(fontsize=8)
         if shape in ("iter", "iter_block"):
             for k, m in enumerate(methods):
                 g = np.asarray(grads_by_method[m][name], dtype=float)
@@ -212,13 +211,14 @@ def hypergradient_figure(path, hypers, grads_by_method: dict, title: str = "") -
             row[1].set_xlabel("training step"), row[1].set_ylabel(f"dL/d {name}")
             row[1].set_title(f"d(validation loss)/d {name} per step (summed over blocks)", fontsize=10)
             integer_axis(row[1])
-            if len(methods) > 1:
-                row[1].legend(fontsize=8)
         else:
             row[1].set_visible(False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight() if len(methods) > 1 else 1))
+    if len(methods) > 1:            # one legend for every panel, under the title
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=len(methods), fontsize=9,
+                   bbox_to_anchor=(0.5, 1 - 0.35 / fig.get_figheight()), frameon=False)
     return records.save_figure(fig, path)
 
 
