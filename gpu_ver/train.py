@@ -306,11 +306,11 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
                "curves": hist}
     for k in ("train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error"):
         metrics[f"final_{k}"] = hist[k][-1] if hist[k] else None
-    if start:
-        conf_start = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in start.items()}
-    conf = {**asdict(cfg), **({"hypers_start": conf_start} if start else {}), "floatX": fx, "device": str(theano.config.device), "data": data.describe(),
+    conf = {**asdict(cfg), "floatX": fx, "device": str(theano.config.device), "data": data.describe(),
             "model_description": model.describe(), "resumed_from": None if resume is None else str(resume),
             "stop_after": stop_after}
+    if start:                       # --hypers-from: the values the run used
+        conf["hypers_start"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in start.items()}
     records.write_results(run_dir, list(argv), conf, metrics, timings)
     if hist["epoch"]:
         plot_curves(hist, run_dir / "learning_curves.png")
