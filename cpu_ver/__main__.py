@@ -157,6 +157,12 @@ def cmd_hypergrad(args):
         timings["fd_s"] = time.perf_counter() - t0
         metrics["max_rel_err_exact_vs_fd"] = max(r[3] for r in rows)
         metrics["fd_directional"] = {r[0]: {"analytic": r[1], "numeric": r[2], "rel_err": r[3]} for r in rows}
+    from shared.plotting import METHOD_LABELS, hypergradient_figure, save_hypergradients
+    grads = {m: r.grads for m, r in results.items()}
+    save_hypergradients(Path(args.out) / "hypergradient.npz", grads, tuned)
+    hypergradient_figure(Path(args.out) / "hypergradient.png", hypers, grads,
+                         f"hypergradients of the validation loss: {', '.join(METHOD_LABELS.get(m, m) for m in grads)} "
+                         f"- {data.name}, {args.iters} training steps")
     print(f"objective {metrics['val_loss']:.6f}; |hypergradient| per group: "
           + ", ".join(f"{k} {v:.3e}" for k, v in metrics["hypergradient_norm"].items()))
     for k in ("reversal_max_abs_error", "buffer_bits_per_weight_step", "cosine_drmad_vs_exact",
@@ -171,6 +177,7 @@ def cmd_meta(args):
     from cpu_ver import meta, plots
 
     problem, hypers, data = build(args)
+    start = hypers
     config = _config(args, data)
     from shared.records import make_run_dir
     run_dir = make_run_dir(args.out)          # resolved once, in main()
@@ -191,6 +198,10 @@ def cmd_meta(args):
         plots.learning_curves(hist, run_dir / "learning_curves.png",
                               f"meta-optimisation ({args.method}, {args.optimizer})", final=final)
     plots.hyperparameters(hypers, run_dir / "hyperparameters.png")
+    from shared.plotting import schedules_figure
+    schedules_figure(run_dir / "schedules.png", hypers, start,
+                     f"meta-optimisation ({args.method}, {args.optimizer}, "
+                     f"{len(hist['val_loss'])} meta-iteration{'' if len(hist['val_loss']) == 1 else 's'})")
     metrics = dict(hist)
     metrics.update({f"final_{k}": v for k, v in final.items()})
     metrics["learned"] = hypers.describe()

@@ -9,7 +9,9 @@ for the same steps, seed and batches unless ``--no-baseline``.
 metrics: ``step``, ``train_loss`` (full training cross-entropy), ``val_loss``,
 ``val_error`` per logged step; ``lr_quantiles`` / ``l2_quantiles`` (logged step
 x block x quantile, quantiles in ``quantiles``, blocks in ``blocks``);
-``final_*``; ``test_error``; ``baseline`` (the plain optimiser's curves);
+``final_train_loss``, ``final_val_loss``, ``final_val_error``, ``test_loss``, ``test_error``;
+``baseline`` (the plain optimiser's curves and the same finals) and
+``val_loss_adaptive_minus_baseline`` (the names of gpu_ver adaptive);
 ``n_projected`` (learning-rate projections that bit, additive HD only).
 
 Checkpoints: ``checkpoint-adaptive.npz`` and ``checkpoint-baseline.npz`` in the run
@@ -29,9 +31,10 @@ import numpy as np
 
 from cpu_ver import adaptive as ad
 from cpu_ver.models import MLP, parse_layers
-from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, check_checkpoint_options,
-                           check_validation_split, method_kwargs, resolve_run_dir, resume_command,
-                           run_identity, stop_for_baseline)
+from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, baseline_kwargs, baseline_metrics,
+                           check_checkpoint_options, check_validation_split, final_metrics, jsonable_start,
+                           kwargs_from_start, resolve_run_dir, resume_command, run_identity, start_from_hypers,
+                           stop_for_baseline)
 from shared.cli import add_overwrite_argument, invocation
 from shared.errors import ConfigError
 
@@ -87,14 +90,17 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     if not _has(parser, "--overwrite"):
         add_overwrite_argument(a)
+    if not _has(parser, "--hypers-from"):
+        a("--hypers-from", default=None, metavar="RUN_DIR|FILE",
+          help="start from the learning rate and L2 (at step 0) that a run saved (RUN_DIR/hypers.json, or a "
+               "hypers.npz/json file) for this layout and --steps")
     add_checkpoint_arguments(a)
     return parser
 
 
-def baseline_method(args, layout):
-    opt = BASELINE_OF.get(args.method, "sgd")
-    l2 = args.l2_init if args.method in ("t1t2", "combined") else args.l2
-    return ad.make_method(opt, layout, lr=args.lr, l2=l2, momentum=args.momentum)
+def baseline_method(args, layout, start=None):
+    """The plain optimiser for ``args.method``, from the same starting values (``start``)."""
+    return ad.make_method(BASELINE_OF.get(args.method, "sgd"), layout, **baseline_kwargs(args, start))
 
 
 def _load(args):
@@ -135,7 +141,8 @@ def run_adaptive(args) -> dict:
     if args.steps < 1 or args.eval_every < 1:
         raise ConfigError("--steps and --eval-every must be >= 1")
     check_checkpoint_options(args)
-    method = ad.make_method(args.method, model.layout, **method_kwargs(args))
+    start = start_from_hypers(args, model.layout)          # --hypers-from, before the run folder
+    method = ad.make_method(args.method, model.layout, **kwargs_from_start(args, start))
     check_validation_split(args.method, method.needs_val, len(yv))      # before the run folder is made
     run_dir = resolve_run_dir(args)
     identity = run_identity(args, "cpu_ver adaptive", layers=list(sizes), data=ds.describe())
@@ -161,9 +168,13 @@ def run_adaptive(args) -> dict:
     if res["steps_done"] < args.steps:
         return stopped("adaptive", res["steps_done"])
     metrics = dict(res)
-    metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
-                   final_val_error=res["val_error"][-1],
-                   test_error=model.error(w, _rows(ds.test.X), ds.test.y) if len(ds.test) else None)
+    Xt, yt, has_test = _rows(ds.test.X), ds.test.y, len(ds.test) > 0
+
+    def test_metrics(weights):
+        """(test cross-entropy, test error) of ``weights``; (None, None) without a test split."""
+        return (model.nll(weights, Xt, yt), model.error(weights, Xt, yt)) if has_test else (None, None)
+
+    metrics.update(final_metrics(res, *test_metrics(w), has_test))
     lr_state = state.lr if isinstance(state, ad.CombinedState) else state
     if hasattr(lr_state, "n_projected"):
         metrics["n_projected"] = int(lr_state.n_projected)
@@ -174,20 +185,21 @@ def run_adaptive(args) -> dict:
         if stop is not None and stop <= 0:
             return stopped("baseline", 0)
         t0 = time.perf_counter()
-        base, wb, _ = phase("baseline", baseline_method(args, model.layout), stop, record_hypers=False,
-                            desc=base_name)
+        base, wb, _ = phase("baseline", baseline_method(args, model.layout, start=start), stop,
+                            record_hypers=False, desc=base_name)
         timings["this_process_baseline_s"] = time.perf_counter() - t0
         timings["baseline_s"] = base.pop("spent_s")
         if base["steps_done"] < args.steps:
             return stopped("baseline", base["steps_done"])
-        metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
-                                   final_val_loss=base["val_loss"][-1])
+        metrics.update(baseline_metrics(base, base_name, *test_metrics(wb), has_test, metrics))
     t0 = time.perf_counter()
     _plot(run_dir, res, base, args.method, base_name,
           f"{ds.name}, {len(y)} training examples, {args.steps} steps")
     timings["plots_s"] = time.perf_counter() - t0
     config = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
     config.update(layers=list(sizes), method_config=method.config, data=ds.describe())
+    if start:
+        config["hypers_start"] = jsonable_start(start)
     argv = invocation("cpu_ver", getattr(args, "_argv", ["adaptive", *sys.argv[1:]]))
     write_results(run_dir, argv, config, metrics, timings, packages=("numpy", "scipy", "autograd"))
     line = (f"{args.method}: final train loss {metrics['final_train_loss']:.4f}, val loss "

@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_checkpoint_arguments,
-                           check_checkpoint_options, check_validation_split, method_kwargs, resolve_run_dir,
-                           resume_command, run_identity, stop_for_baseline)
+                           baseline_kwargs, baseline_metrics, check_checkpoint_options, check_validation_split,
+                           final_metrics, jsonable_start, kwargs_from_start, resolve_run_dir, resume_command,
+                           run_identity, start_from_hypers, stop_for_baseline)
 from shared.cli import add_overwrite_argument, invocation
 from shared.errors import ConfigError
 
@@ -107,14 +108,17 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     if not _has(parser, "--overwrite"):
         add_overwrite_argument(a)
+    if not _has(parser, "--hypers-from"):
+        a("--hypers-from", default=None, metavar="RUN_DIR|FILE",
+          help="start from the learning rate and L2 (at step 0) that a run saved (RUN_DIR/hypers.json, or a "
+               "hypers.npz/json file) for this layout and --steps")
     add_checkpoint_arguments(a)
     return parser
 
 
-def baseline_method(args, layout, ad):
-    opt = BASELINE_OF.get(args.method, "sgd")
-    l2 = args.l2_init if args.method in ("t1t2", "combined") else args.l2
-    return ad.make_method(opt, layout, lr=args.lr, l2=l2, momentum=args.momentum)
+def baseline_method(args, layout, ad, start=None):
+    """The plain optimiser for ``args.method``, from the same starting values (``start``)."""
+    return ad.make_method(BASELINE_OF.get(args.method, "sgd"), layout, **baseline_kwargs(args, start))
 
 
 def load_data(args):
@@ -191,7 +195,8 @@ def run_adaptive(args) -> dict:
     ds = load_data(args)
     timings["load_s"] = time.perf_counter() - t0
     model = build_model(args, ds, M)
-    method = ad.make_method(args.method, model.layout, **method_kwargs(args))
+    start = start_from_hypers(args, model.layout)          # --hypers-from, before the run folder
+    method = ad.make_method(args.method, model.layout, **kwargs_from_start(args, start))
     check_validation_split(args.method, method.needs_val, len(ds.val))
     run_dir = resolve_run_dir(args)
     X, y, Xv, yv = ds.train.X, ds.train.y, ds.val.X, ds.val.y
@@ -222,10 +227,7 @@ def run_adaptive(args) -> dict:
     timings["train_s"] = timings.pop("adaptive_spent_s")        # the whole run, also before a resume
     metrics = dict(res)
     test_loss, test_err = run.evaluate(ds.test.X, ds.test.y, args.eval_batch)
-    metrics.update(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
-                   final_val_error=res["val_error"][-1],
-                   test_loss=test_loss if len(ds.test) else None, test_error=test_err if len(ds.test) else None,
-                   n_params=model.layout.size)
+    metrics.update(final_metrics(res, test_loss, test_err, len(ds.test) > 0), n_params=model.layout.size)
     if "n_projected" in run.S:
         metrics["n_projected"] = int(run.state()["n_projected"])
     base, base_name = None, BASELINE_OF.get(args.method, "sgd")
@@ -234,18 +236,15 @@ def run_adaptive(args) -> dict:
         if stop is not None and stop <= 0:
             return stopped("baseline", 0)
         t0 = time.perf_counter()
-        base, brun = phase("baseline", baseline_method(args, model.layout, ad), stop, record_hypers=False,
-                           desc=base_name)
+        base, brun = phase("baseline", baseline_method(args, model.layout, ad, start=start), stop,
+                           record_hypers=False, desc=base_name)
         timings["this_process_baseline_s"] = time.perf_counter() - t0
         if base["steps_done"] < args.steps:
             return stopped("baseline", base["steps_done"])
         timings.update({f"baseline_{k}": v for k, v in base.pop("timings").items()})
         timings["baseline_s"] = timings.pop("baseline_spent_s")
         bl, be = brun.evaluate(ds.test.X, ds.test.y, args.eval_batch)
-        metrics["baseline"] = dict(base, optimizer=base_name, final_train_loss=base["train_loss"][-1],
-                                   final_val_loss=base["val_loss"][-1], final_val_error=base["val_error"][-1],
-                                   test_loss=bl if len(ds.test) else None, test_error=be if len(ds.test) else None)
-        metrics["val_loss_adaptive_minus_baseline"] = metrics["final_val_loss"] - base["val_loss"][-1]
+        metrics.update(baseline_metrics(base, base_name, bl, be, len(ds.test) > 0, metrics))
         if timings.get("baseline_step_s_mean"):
             timings["step_overhead"] = timings["adaptive_step_s_mean"] / timings["baseline_step_s_mean"] - 1.0
     t0 = time.perf_counter()
@@ -253,6 +252,8 @@ def run_adaptive(args) -> dict:
                                 f"{ds.name}, {len(ds.train)} training examples, {args.steps} steps")
     timings["plots_s"] = time.perf_counter() - t0
     conf = {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
+    if start:
+        conf["hypers_start"] = jsonable_start(start)
     conf.update(model_description=model.describe(), method_config=method.config, data=ds.describe(),
                 floatX=str(theano.config.floatX), device=str(theano.config.device))
     argv = invocation("gpu_ver", getattr(args, "_argv", ["adaptive", *sys.argv[1:]]))

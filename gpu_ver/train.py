@@ -67,6 +67,7 @@ class TrainConfig:
     eval_batch: int = 500
     checkpoint_every: int = 0        # steps; 0 = only at the end / when stopped
     seed: int = 0
+    hypers_from: str | None = None   # RUN_DIR|FILE: lr (shape scalar) and l2 (fixed over steps) from there
 
     def validate(self) -> "TrainConfig":
         if self.model not in ("densenet", "mlp"):
@@ -220,7 +221,14 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
 
     eval_batch = min(cfg.eval_batch, max(len(data.val), len(data.test), 1))
     model, eval_model = M.with_batch_size(model, cfg.batch), M.with_batch_size(model, eval_batch)
-    state = M.SGDState(model, model.init(cfg.seed), lr=cfg.lr, l2=cfg.weight_decay / 2)
+    base_lr, l2 = cfg.lr, cfg.weight_decay / 2
+    start = {}
+    if cfg.hypers_from:             # before the run folder is made
+        from shared.hyperparams import load_fixed  # noqa: PLC0415
+
+        start = load_fixed(cfg.hypers_from, model.layout, scalar=("lr",), per_param=("l2",))
+        base_lr, l2 = start.get("lr", base_lr), start.get("l2", l2)
+    state = M.SGDState(model, model.init(cfg.seed), lr=base_lr, l2=l2)
     t0, hist, acc = 0, {k: [] for k in ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error",
                                          "test_loss", "test_error")}, [0.0, 0]
     before = {"train_s": 0.0, "eval_s": 0.0}       # time spent before a resume (from the checkpoint)
@@ -259,7 +267,7 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
             for step in range(t0, end):
                 interrupt.check()             # Ctrl-C takes effect here: step_fn updates the weights in place
                 epoch = step // spe
-                lr = lr_at(epoch, cfg.lr, cfg.epochs)
+                lr = lr_at(epoch, base_lr, cfg.epochs)
                 state.lr.set_value(np.asarray(lr, fx))
                 idx = datasets.batch_indices(len(data.train), cfg.batch, cfg.seed, step)
                 Xb = data.train.X[idx]
@@ -300,6 +308,8 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
     conf = {**asdict(cfg), "floatX": fx, "device": str(theano.config.device), "data": data.describe(),
             "model_description": model.describe(), "resumed_from": None if resume is None else str(resume),
             "stop_after": stop_after}
+    if start:                       # --hypers-from: the values the run used
+        conf["hypers_start"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in start.items()}
     records.write_results(run_dir, list(argv), conf, metrics, timings)
     if hist["epoch"]:
         plot_curves(hist, run_dir / "learning_curves.png")

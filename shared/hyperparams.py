@@ -775,7 +775,8 @@ def _layout_difference(saved: ParamLayout, here: ParamLayout) -> str:
     return f"{saved.n_blocks} parameter blocks there, {here.n_blocks} in this model"
 
 
-def load_for_run(source, layout: ParamLayout, n_iters: int, groups=None, option="--hypers-from") -> HyperParams:
+def load_for_run(source, layout: ParamLayout, n_iters, groups=None, option="--hypers-from",
+                 steps_option="--iters") -> HyperParams:
     """The hyperparameters saved in ``source`` (a run folder holding ``hypers.json`` and
     ``hypers.npz``, or such a file / stem), for a run with ``layout`` and ``n_iters`` steps.
 
@@ -783,7 +784,8 @@ def load_for_run(source, layout: ParamLayout, n_iters: int, groups=None, option=
     saved for another layout (which block differs) or for another number of training
     steps. ``groups`` (the command's ``--hypers``) become the tuned groups; each must be
     in the file. The file's values and shapes replace the command's ``--lr``, ``--l2``,
-    ``--momentum`` and ``--*-shape``."""
+    ``--momentum`` and ``--*-shape``. ``n_iters=None``: any number of steps (the caller
+    checks the shapes); ``steps_option`` names the option that sets the steps."""
     p = Path(os.fspath(source))
     if p.is_dir():
         if not (p / f"{HYPERS_STEM}.json").is_file():
@@ -796,8 +798,9 @@ def load_for_run(source, layout: ParamLayout, n_iters: int, groups=None, option=
     if h.layout != layout:
         raise ConfigError(f"{option} {source}: saved for another layout ({h.layout.size} parameters; this model has "
                           f"{layout.size}: {_layout_difference(h.layout, layout)})")
-    if h.n_iters != n_iters:
-        raise ConfigError(f"{option} {source}: saved for {h.n_iters} training steps; this run has {n_iters} (--iters)")
+    if n_iters is not None and h.n_iters != n_iters:
+        raise ConfigError(f"{option} {source}: saved for {h.n_iters} training steps; this run has {n_iters} "
+                          f"({steps_option})")
     if groups is not None:
         missing = [g for g in groups if g not in h]
         if missing:
@@ -805,3 +808,26 @@ def load_for_run(source, layout: ParamLayout, n_iters: int, groups=None, option=
                               f"{', '.join(h.names)})")
         h = h.with_tuned(groups)
     return h
+
+
+def load_fixed(source, layout: ParamLayout, scalar=(), per_param=(), option="--hypers-from") -> dict:
+    """Values for a run that keeps its hyperparameters fixed over the steps (``gpu_ver train``):
+    from the file ``load_for_run`` finds in ``source`` (same layout; any number of steps),
+    each group of ``scalar`` as a float (its shape must be ``scalar``) and each group of
+    ``per_param`` as a (layout.size,) array (any shape that does not change with the step:
+    scalar, block, unit, param). A group the file lacks is left out; one of another shape
+    is refused, naming it."""
+    h = load_for_run(source, layout, None, option=option)
+    out = {}
+    for name in (*scalar, *per_param):
+        if name not in h:
+            continue
+        shape = h.group(name).shape
+        if name in scalar and shape != "scalar":
+            raise ConfigError(f"{option} {source}: its {name!r} has shape {shape!r}; this command takes one value "
+                              f"(a file whose {name!r} has shape 'scalar')")
+        if name in per_param and shape in ITER_SHAPES:
+            raise ConfigError(f"{option} {source}: its {name!r} has shape {shape!r} (one value per step); this "
+                              f"command keeps {name!r} fixed (shape scalar, block, unit or param)")
+        out[name] = float(h.value(name)) if name in scalar else h.per_param(name)
+    return out

@@ -276,3 +276,92 @@ def spent_before(resume) -> float:
 def record_due(t, eval_every, steps) -> bool:
     """Whether the curves are recorded after t steps: at 0, every ``eval_every``, at the end."""
     return t == 0 or t % eval_every == 0 or t == steps
+
+
+# ---------------------------------------------------------------------------
+# ``--hypers-from`` for the ``adaptive`` commands (both backends)
+
+def _per_param_lr(method: str, granularity: str) -> bool:
+    """Whether ``method`` starts from one learning rate per parameter (else from one value)."""
+    return method in ("idbd", "smd", "combined") or (method in ("hd", "sgdn-hd", "adam-hd")
+                                                      and granularity == "param")
+
+
+def start_from_hypers(args, layout) -> dict:
+    """The starting learning rate and L2 that ``--hypers-from`` gives ``args.method``:
+    constructor keywords (``lr``, and ``l2`` or ``l2_init``) that replace those of
+    ``method_kwargs(args)``; ``{}`` without ``--hypers-from``.
+
+    The saved file must be for this layout and ``--steps`` training steps
+    (``shared.hyperparams.load_for_run``). A method starts from its hyperparameters'
+    values at step 0, expanded to one value per parameter; a value the same for every
+    parameter is passed as a scalar, otherwise the method must take one per parameter
+    (``--granularity param`` for HD, IDBD, SMD, combined; ``--l2-groups param`` for
+    T1-T2's L2), or the file is refused, naming the group."""
+    source = getattr(args, "hypers_from", None)
+    if not source:
+        return {}
+    from shared.hyperparams import load_for_run
+
+    h = load_for_run(source, layout, args.steps, steps_option="--steps")
+    m = args.method
+    out = {}
+    for name in ("lr", "l2"):
+        if name not in h:
+            continue
+        a = h.per_param(name, 0)
+        if a.size and np.all(a == a[0]):
+            out[name] = float(a[0])
+            continue
+        if name == "lr":
+            takes = _per_param_lr(m, getattr(args, "granularity", "global"))
+            how = "--granularity param" if m in ("hd", "sgdn-hd", "adam-hd") else "a method with per-parameter rates"
+        else:
+            takes = m not in ("t1t2", "combined") or args.l2_groups == "param"
+            how = "--l2-groups param"
+        if not takes:
+            raise ConfigError(f"--hypers-from {source}: its {name!r} differs between parameters at step 0 "
+                              f"(shape {h.group(name).shape!r}); {m} with these options starts from one value "
+                              f"(use {how})")
+        out[name] = a
+    if "l2" in out and m in ("t1t2", "combined"):
+        out["l2_init"] = out.pop("l2")
+    return out
+
+
+def jsonable_start(start: dict) -> dict:
+    """``start_from_hypers``'s values for results.json (lists for arrays)."""
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in start.items()}
+
+
+def kwargs_from_start(args, start: dict) -> dict:
+    """``method_kwargs(args)`` with the starting values ``start_from_hypers`` found."""
+    kw = method_kwargs(args)
+    kw.update({k: v for k, v in start.items() if k in kw})
+    return kw
+
+
+def baseline_kwargs(args, start=None) -> dict:
+    """Options of the plain optimiser run beside ``args.method``: the same starting learning
+    rate (when it is one value) and L2 as the adaptive run."""
+    start = start or {}
+    l2 = args.l2_init if args.method in ("t1t2", "combined") else args.l2
+    l2 = start.get("l2_init", start.get("l2", l2))
+    lr = start["lr"] if np.ndim(start.get("lr", 0.0)) == 0 and "lr" in start else args.lr
+    return dict(lr=lr, l2=l2, momentum=args.momentum)
+
+
+def final_metrics(res: dict, test_loss, test_error, has_test: bool) -> dict:
+    """The metrics both ``adaptive`` commands report for a finished run (the adaptive one or
+    its baseline): ``final_train_loss``, ``final_val_loss``, ``final_val_error`` (last logged
+    step) and ``test_loss``, ``test_error`` (None without a test split)."""
+    return dict(final_train_loss=res["train_loss"][-1], final_val_loss=res["val_loss"][-1],
+                final_val_error=res["val_error"][-1], test_loss=test_loss if has_test else None,
+                test_error=test_error if has_test else None)
+
+
+def baseline_metrics(base: dict, optimizer: str, test_loss, test_error, has_test: bool, adaptive: dict) -> dict:
+    """``metrics`` entries for the plain optimiser run beside an adaptive one: ``baseline``
+    (its curves, ``optimizer`` and ``final_metrics``) and ``val_loss_adaptive_minus_baseline``."""
+    b = dict(base, optimizer=optimizer, **final_metrics(base, test_loss, test_error, has_test))
+    return {"baseline": b, "val_loss_adaptive_minus_baseline": adaptive["final_val_loss"] - b["final_val_loss"]}

@@ -150,3 +150,154 @@ def adaptive_figures(run_dir, res, base, method_name, base_name, data_label) -> 
         save_figure(fig, run_dir / "hyper_heatmap.png")
         written.append("hyper_heatmap.png")
     return written
+
+
+# --- hypergradients (``hypergrad``) -----------------------------------------------------
+
+METHOD_LABELS = {"exact": "exact (reversible)", "drmad": "DrMAD"}
+
+
+def hypergradient_per_block(hypers, name, grad):
+    """(labels, sums): the hypergradient of group ``name`` summed over each parameter block
+    (and over the steps for ``iter``/``iter_block``); one sum over all parameters for the
+    ``scalar`` and ``iter`` shapes. A block's sum is the derivative with respect to adding
+    the same amount to every entry of the group in that block."""
+    from shared.hyperparams import units_of_block  # noqa: PLC0415
+
+    layout, shape = hypers.layout, hypers.group(name).shape
+    g = np.asarray(grad, dtype=float)
+    if shape in ("scalar", "iter"):
+        return ["all parameters"], np.array([g.sum()])
+    if shape == "block":
+        return list(layout.names), g
+    if shape == "iter_block":
+        return list(layout.names), g.sum(axis=0)
+    if shape == "param":
+        return list(layout.names), np.array([g[layout.slice(b)].sum() for b in range(layout.n_blocks)])
+    ends = np.cumsum([units_of_block(s) for s in layout.shapes])            # unit
+    return list(layout.names), np.array([g[e - units_of_block(s):e].sum() for e, s in zip(ends, layout.shapes)])
+
+
+def hypergradient_figure(path, hypers, grads_by_method: dict, title: str = "") -> Path:
+    """hypergradient.png: one row per hyperparameter group; left, the hypergradient summed
+    per parameter block, one bar per method; right (for the per-step shapes), the
+    hypergradient per training step summed over the blocks, one line per method."""
+    from shared import records  # noqa: PLC0415
+
+    plt = pyplot()
+    names = [n for n in hypers.tuned if all(n in g for g in grads_by_method.values())]
+    methods = list(grads_by_method)
+    fig, axes = plt.subplots(max(len(names), 1), 2, figsize=(12, 2.9 * max(len(names), 1)), squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for row, name in zip(axes, names):
+        shape = hypers.group(name).shape
+        for k, m in enumerate(methods):
+            labels, sums = hypergradient_per_block(hypers, name, grads_by_method[m][name])
+            x = np.arange(len(labels)) + (k - (len(methods) - 1) / 2) * width
+            row[0].bar(x, sums, width, label=METHOD_LABELS.get(m, m), color=f"C{k}")
+        row[0].set_xticks(range(len(labels))), row[0].set_xticklabels(labels)
+        row[0].axhline(0, color="0.5", lw=0.8)
+        how = {"scalar": "one value for all parameters", "iter": "summed over all steps",
+               "iter_block": "summed per block, over all steps"}.get(shape, "summed per block")
+        row[0].set_title(f"d(validation loss)/d {name} ({shape}): {how}", fontsize=10)
+        row[0].set_ylabel(f"dL/d {name}")
+        if shape in ("iter", "iter_block"):
+            for k, m in enumerate(methods):
+                g = np.asarray(grads_by_method[m][name], dtype=float)
+                per_step = g if shape == "iter" else g.sum(axis=1)
+                row[1].plot(np.arange(len(per_step)), per_step, marker=".", label=METHOD_LABELS.get(m, m),
+                            color=f"C{k}")
+            row[1].axhline(0, color="0.5", lw=0.8)
+            row[1].set_xlabel("training step"), row[1].set_ylabel(f"dL/d {name}")
+            row[1].set_title(f"d(validation loss)/d {name} per step (summed over blocks)", fontsize=10)
+            integer_axis(row[1])
+        else:
+            row[1].set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight() if len(methods) > 1 else 1))
+    if len(methods) > 1:            # one legend for every panel, under the title
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=len(methods), fontsize=9,
+                   bbox_to_anchor=(0.5, 1 - 0.35 / fig.get_figheight()), frameon=False)
+    return records.save_figure(fig, path)
+
+
+def save_hypergradients(path, grads_by_method: dict, names) -> Path:
+    """hypergradient.npz: key ``METHOD/GROUP`` (e.g. ``exact/lr``) per method and group, the
+    hypergradient with respect to the group's constrained values, in the group's shape."""
+    import io  # noqa: PLC0415
+
+    from shared.records import write_bytes_atomic  # noqa: PLC0415
+
+    arrays = {f"{m}/{n}": np.asarray(g[n], dtype=float) for m, g in grads_by_method.items() for n in names if n in g}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = Path(path)
+    write_bytes_atomic(path, buf.getvalue())
+    return path
+
+
+# --- learned momentum schedule and initial scales (``meta``) ------------------------------
+
+SCHEDULE_GROUPS = ("momentum", "init_scale")
+
+
+def _describe_start(start, name) -> str:
+    """'started at 0.9' when the starting values of ``name`` were all the same."""
+    if start is None or name not in start:
+        return ""
+    v = np.asarray(start.value(name), dtype=float)
+    return f", started at {v.flat[0]:.3g}" if v.size and np.all(v == v.flat[0]) else ""
+
+
+SHAPE_WORDS = {"scalar": "one value", "block": "per block", "unit": "mean per block", "param": "mean per block",
+               "iter": "per step", "iter_block": "per step and block"}
+
+
+def schedules_figure(path, hypers, start=None, title: str = ""):
+    """schedules.png: the learned momentum schedule and the initial weight scales, for the
+    groups of ``SCHEDULE_GROUPS`` that ``hypers`` tunes; ``start`` (the hyperparameters
+    before meta-optimisation) is drawn beside them where it is not a heat map. Returns the
+    path, or None when neither group is tuned (no figure)."""
+    from shared import records  # noqa: PLC0415
+
+    names = [n for n in SCHEDULE_GROUPS if n in hypers.tuned]
+    if not names:
+        return None
+    plt = pyplot()
+    layout = hypers.layout
+    fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        shape, v = hypers.group(name).shape, np.asarray(hypers.value(name), dtype=float)
+        what = "momentum" if name == "momentum" else "initial weight scale"
+        if shape == "iter_block":
+            im = ax.imshow(v.T, aspect="auto", interpolation="nearest", cmap="viridis")
+            ax.set_yticks(range(layout.n_blocks)), ax.set_yticklabels(layout.names)
+            ax.set_xlabel("training step"), fig.colorbar(im, ax=ax, label=what)
+            integer_axis(ax)
+        elif shape == "iter":
+            ax.plot(np.arange(len(v)), v, marker=".", label="learned")
+            if start is not None and name in start:
+                ax.plot(np.arange(len(v)), start.value(name), ls="--", color="0.5", label="start")
+                ax.legend(fontsize=8)
+            ax.set_xlabel("training step"), ax.set_ylabel(what)
+            integer_axis(ax)
+        else:
+            labels = ["all parameters"] if shape == "scalar" else list(layout.names)
+            vals = np.atleast_1d(v) if shape in ("scalar", "block") else np.array(
+                [hypers.per_param(name)[layout.slice(b)].mean() for b in range(layout.n_blocks)])
+            x = np.arange(len(labels))
+            bars = ax.bar(x, vals, 0.6, label="learned")
+            ax.bar_label(bars, labels=[f"{b:.3g}" for b in vals], label_type="center", color="white", fontsize=8)
+            if start is not None and name in start and start.group(name).shape == shape:
+                s0 = np.atleast_1d(np.asarray(start.value(name), dtype=float))
+                if s0.shape == vals.shape:
+                    ax.plot(x, s0, ls="none", marker="_", markersize=30, mew=2, color="C3", label="start")
+            ax.set_xticks(x), ax.set_xticklabels(labels), ax.set_ylabel(what)
+            set_log_scale(ax, vals)
+            ax.legend(fontsize=8)
+        ax.set_title(f"learned {what}, {SHAPE_WORDS[shape]}{_describe_start(start, name)}", fontsize=10)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return records.save_figure(fig, path)

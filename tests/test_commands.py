@@ -192,7 +192,7 @@ def test_another_runs_folder_is_refused_unless_overwrite(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["command"][3] == "meta"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["checkpoint.npz", "command.txt", "hyperparameters.png", "hypers.json", "hypers.npz",
-         "learning_curves.png", "results.json"])
+         "learning_curves.png", "results.json", "schedules.png"])
 
 
 def test_resume_without_a_checkpoint_creates_nothing(tmp_path, capsys):

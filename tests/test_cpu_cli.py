@@ -83,3 +83,50 @@ def test_cli_subprocess_exit_status(tmp_path):
     p = subprocess.run([sys.executable, "-m", "cpu_ver", "hypergrad", "--momentum", "0", *TINY],
                        cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 2 and "momentum" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_hypergrad_writes_the_hypergradient_per_group_and_method(tmp_path):
+    import cpu_ver.__main__ as cpu_main
+
+    tiny = ["--layers", "64,8,10", "--iters", "6", "--batch", "50", "--n-train", "100", "--n-val", "50",
+            "--no-progress"]
+    for method, computed in (("all", ("exact", "drmad")), ("drmad", ("drmad",))):
+        out = tmp_path / method
+        assert cpu_main.main(["hypergrad", "--out", str(out), "--method", method, *tiny]) == 0
+        saved = np.load(out / "hypergradient.npz")
+        groups = ("l2", "lr", "momentum", "init_scale")
+        assert sorted(saved.files) == sorted(f"{m}/{g}" for m in computed for g in groups)
+        assert saved[f"{computed[0]}/lr"].shape == (6, 4) and np.any(saved[f"{computed[0]}/lr"] != 0)
+        assert (out / "hypergradient.png").stat().st_size > 0
+
+
+def test_meta_plots_the_learned_momentum_and_initial_scales_when_tuned(tmp_path):
+    import cpu_ver.__main__ as cpu_main
+
+    tiny = ["--layers", "64,8,10", "--iters", "6", "--batch", "50", "--n-train", "100", "--n-val", "50",
+            "--meta-iters", "1", "--no-progress"]
+    out = tmp_path / "all"
+    assert cpu_main.main(["meta", "--out", str(out), *tiny]) == 0
+    assert (out / "schedules.png").stat().st_size > 0 and (out / "hyperparameters.png").exists()
+    out = tmp_path / "some"
+    assert cpu_main.main(["meta", "--out", str(out), "--hypers", "init_scale", *tiny]) == 0
+    assert (out / "schedules.png").exists()
+    out = tmp_path / "none"
+    assert cpu_main.main(["meta", "--out", str(out), "--hypers", "l2,lr", *tiny]) == 0
+    assert not (out / "schedules.png").exists() and (out / "hyperparameters.png").exists()
+
+
+def test_adaptive_reports_the_baseline_beside_the_adaptive_run(tmp_path):
+    """The same metric names as gpu_ver adaptive (shared.online.final_metrics / baseline_metrics)."""
+    import cpu_ver.__main__ as cpu_main
+
+    out = tmp_path / "a"
+    assert cpu_main.main(["adaptive", "--out", str(out), "--layers", "64,8,10", "--steps", "6", "--batch", "50",
+                          "--n-train", "100", "--n-val", "50", "--eval-every", "3", "--no-progress"]) == 0
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    finals = ("final_train_loss", "final_val_loss", "final_val_error", "test_loss", "test_error")
+    for k in finals:
+        assert np.isfinite(m[k]) and np.isfinite(m["baseline"][k]), k
+    assert m["baseline"]["final_val_loss"] == m["baseline"]["val_loss"][-1]
+    assert m["val_loss_adaptive_minus_baseline"] == pytest.approx(m["final_val_loss"] - m["baseline"]["final_val_loss"])
+    assert 0 <= m["baseline"]["test_error"] <= 1 and m["baseline"]["optimizer"] == "sgd"

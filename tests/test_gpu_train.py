@@ -89,3 +89,63 @@ def test_nonfinite_loss_names_the_step(tmp_path):
 
 def test_lr_schedule():
     assert [tr.lr_at(e, 0.1, 8) for e in range(8)] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+
+
+MLP_TINY = dict(model="mlp", hidden="6", dataset="synthetic-images", image_size=4, n_train=64, n_val=16, n_test=16,
+                epochs=1, batch=16, eval_batch=32, augment=False, seed=1)
+
+
+def _saved_hypers(folder, hidden="6", lr_shape="scalar"):
+    from gpu_ver import models as M
+    from shared.hyperparams import standard
+
+    cfg = tr.TrainConfig(**{**MLP_TINY, "hidden": hidden})
+    layout = tr.build_model(cfg, tr.load_data(cfg), M).layout
+    h = standard(layout, 7, lr=0.02, momentum=0.5, l2=1e-3, init_scales=[0.1] * layout.n_blocks,
+                 l2_shape="param", lr_shape=lr_shape)
+    h = h.with_value("l2", np.linspace(1e-4, 1e-2, layout.size))
+    h.save(folder / "hypers")
+    return h
+
+
+def test_hypers_from_gives_base_lr_and_per_parameter_l2(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    h = _saved_hypers(src)
+    res = tr.train(tr.TrainConfig(**MLP_TINY, hypers_from=str(src)), tmp_path / "run", ["test"], progress=False)
+    assert res["config"]["hypers_start"]["lr"] == pytest.approx(0.02)
+    np.testing.assert_allclose(res["state"].l2.get_value(), h.per_param("l2"), rtol=1e-12)
+    assert res["metrics"]["curves"]["lr"][0] == pytest.approx(0.02)
+    plain = tr.train(tr.TrainConfig(**MLP_TINY), tmp_path / "plain", ["test"], progress=False)
+    assert plain["metrics"]["final_val_loss"] != pytest.approx(res["metrics"]["final_val_loss"], rel=1e-9)
+
+
+def test_train_command_refuses_in_one_line(tmp_path, capsys):
+    import gpu_ver.__main__ as gpu_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _saved_hypers(src, lr_shape="iter")
+    out = tmp_path / "o"
+    rc = gpu_main.main(["train", "--device", "cpu", "--floatX", "float64", "--model", "mlp", "--hidden", "6",
+                        "--dataset", "synthetic-images", "--image-size", "4", "--n-train", "64", "--n-val", "16",
+                        "--n-test", "16", "--epochs", "1", "--batch", "16", "--augment", "false", "--seed", "1",
+                        "--out", str(out), "--hypers-from", str(src), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --hypers-from {src}: its 'lr' has shape 'iter'"), err
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("hidden, lr_shape, words", [
+    ("6", "iter_block", "its 'lr' has shape 'iter_block'; this command takes one value"),
+    ("7", "scalar", "saved for another layout"),
+])
+def test_hypers_from_refuses_shapes_that_do_not_fit(tmp_path, hidden, lr_shape, words):
+    src = tmp_path / "src"
+    src.mkdir()
+    _saved_hypers(src, hidden=hidden, lr_shape=lr_shape)
+    with pytest.raises(ConfigError, match=f"^--hypers-from {src}: ") as e:
+        tr.train(tr.TrainConfig(**MLP_TINY, hypers_from=str(src)), tmp_path / "run", ["test"], progress=False)
+    assert words in str(e.value)
+    assert not (tmp_path / "run").exists()
