@@ -129,17 +129,17 @@ def test_mlp_drmad_on_the_device_matches_cpu_ver_float64(tmp_path):
 
 
 @needs_opencl
-def test_densenet_gradient_and_step_on_the_device_match_the_c_backend_and_reload_from_cache(tmp_path):
-    """The tiny DenseNet's gradient and SGD step on the device against the C backend (in one
-    process), no host op beyond the named exceptions; a second process takes the device
-    gradient from the function cache (no compile, the stored file untouched). How much
-    time that saves is measured by benchmarks, not here (docs/GPU.md)."""
+def test_densenet_gradient_on_the_device_matches_the_c_backend_and_reloads_from_cache(tmp_path):
+    """The tiny DenseNet's gradient on the device against the C backend (in one process), no
+    host op beyond the named exceptions; a second process takes the device gradient from the
+    function cache (no compile, the stored file untouched). How much time that saves is
+    measured, not asserted (docs/GPU.md). The SGD step and the HVP: the slow test below."""
     cache = {"HPO_THEANO_CACHE": str(tmp_path / "theano")}
-    r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "grad,step",
+    r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "grad",
              "--out", str(tmp_path / "dc0")], env=cache)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     m = json.loads((tmp_path / "dc0" / "results.json").read_text())["metrics"]
-    for part in ("grad", "step"):
+    for part in ("grad",):
         assert m["rel_diff"][part] <= 1e-5
         assert m["unexpected_host_ops"][part] == []
         assert set(m["host_ops"][part]) <= {"Max", "MaxAndArgmax"}
@@ -157,9 +157,11 @@ def test_densenet_gradient_and_step_on_the_device_match_the_c_backend_and_reload
 
 @needs_opencl
 @pytest.mark.slow
-def test_densenet_hvp_on_the_device_matches_the_c_backend(tmp_path):
-    r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "hvp", "--out", str(tmp_path / "dc")],
+def test_densenet_hvp_and_step_on_the_device_match_the_c_backend(tmp_path):
+    """Slow (about 10 minutes of compiling on two cores with pocl)."""
+    r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "hvp,step", "--out", str(tmp_path / "dc")],
             timeout=3000)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     m = json.loads((tmp_path / "dc" / "results.json").read_text())["metrics"]
-    assert m["rel_diff"]["hvp"] <= 1e-5 and m["unexpected_host_ops"]["hvp"] == []
+    for part in ("hvp", "step"):
+        assert m["rel_diff"][part] <= 1e-5 and m["unexpected_host_ops"][part] == []
