@@ -34,7 +34,7 @@ def learning_curves(history: dict, path: Path, title: str = "", final: dict | No
     axes[1].plot(at, 100 * np.asarray(curves["test_error"], dtype=float), marker=".", color="C2")
     axes[1].set_xlabel("meta-iteration"), axes[1].set_ylabel("test error (%)"), axes[1].set_title("test error")
     axes[2].semilogy(it, np.maximum(history["hypergradient_norm"], 1e-300), marker=".", color="C3")
-    axes[2].set_xlabel("meta-iteration"), axes[2].set_title("hypergradient norm (free coords)")
+    axes[2].set_xlabel("meta-iteration"), axes[2].set_title("hypergradient norm\n(free coordinates: log L2, log lr, logit momentum)", fontsize=9)
     for a in axes:
         integer_axis(a)
     fig.suptitle(title)

@@ -113,15 +113,18 @@ def adaptive_figures(run_dir, res, base, method_name, base_name, data_label) -> 
         fig, ax = plt.subplots(1, len(hyper), figsize=(6 * len(hyper), 4.8), squeeze=False)
         for (key, lab), a in zip(hyper, ax[0]):
             q = np.asarray(res[key], dtype=float)
-            for b, name in enumerate(blocks):
+            one_value = bool(np.all(q == q[:, :1, 2:3]))     # global granularity: one number per step
+            for b, name in enumerate(blocks[:1] if one_value else blocks):
                 col = cmap(b / max(len(blocks) - 1, 1))
-                a.plot(steps, q[:, b, 2], color=col, label=name if len(blocks) <= 12 else None)
-                a.fill_between(steps, q[:, b, 1], q[:, b, 3], color=col, alpha=0.15)
+                a.plot(steps, q[:, b, 2], color=col,
+                       label="all layers (one value)" if one_value else name if len(blocks) <= 12 else None)
+                if not one_value:
+                    a.fill_between(steps, q[:, b, 1], q[:, b, 3], color=col, alpha=0.15)
             set_log_scale(a, q)
             a.set_xlabel("step")
-            a.set_ylabel(f"{lab} (median, 10-90% per layer)")
+            a.set_ylabel(lab if one_value else f"{lab} (median, 10-90% per layer)")
             integer_axis(a)
-            if len(blocks) <= 12:
+            if len(blocks) <= 12 or one_value:
                 a.legend(fontsize=7)
             else:
                 a.set_title(f"{len(blocks)} layers, colour = position (input dark, output light)", fontsize=8)

@@ -104,3 +104,19 @@ def test_meta_curves_have_integer_axes_and_a_unit(figures, tmp_path):
 def test_meta_without_meta_iterations_writes_no_blank_curves(figures, tmp_path):
     assert cpu_main.main(["meta", "--out", str(tmp_path / "m0"), "--meta-iters", "0", *CPU_TINY]) == 0
     assert "learning_curves.png" not in figures and "hyperparameters.png" in figures
+
+
+def test_one_value_for_every_layer_is_one_line_without_a_band(figures, tmp_path):
+    """Global granularity (one learning rate for all layers) draws one labelled line and no
+    10-90% band (per layer, four identical lines and an invisible band hid that); distinct
+    per-layer values keep a line and a band per layer."""
+    res = _hd_log()
+    plotting.adaptive_figures(tmp_path, res, res, "hd", "sgd", "digits")
+    a = figures["hyperparameters.png"].axes[0]
+    assert len(a.get_lines()) == 1 and not a.collections
+    assert a.get_legend().get_texts()[0].get_text() == "all layers (one value)"
+    figures.clear()
+    per_layer = dict(res, lr_quantiles=(np.asarray(res["lr_quantiles"]) * np.arange(1, 5)[None, :, None]).tolist())
+    plotting.adaptive_figures(tmp_path, per_layer, res, "hd", "sgd", "digits")
+    a = figures["hyperparameters.png"].axes[0]
+    assert len(a.get_lines()) == 4 and len(a.collections) == 4
