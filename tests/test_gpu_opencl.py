@@ -129,11 +129,13 @@ def test_mlp_drmad_on_the_device_matches_cpu_ver_float64(tmp_path):
 
 
 @needs_opencl
+@pytest.mark.slow
 def test_densenet_gradient_on_the_device_matches_the_c_backend_and_reloads_from_cache(tmp_path):
     """The tiny DenseNet's gradient on the device against the C backend (in one process), no
     host op beyond the named exceptions; a second process takes the device gradient from the
     function cache (no compile, the stored file untouched). How much time that saves is
-    measured, not asserted (docs/GPU.md). The SGD step and the HVP: the slow test below."""
+    measured, not asserted (docs/GPU.md). Slow: about 6 minutes of pocl compiling on two
+    cores from cold caches, which would take the suite past 15 minutes."""
     cache = {"HPO_THEANO_CACHE": str(tmp_path / "theano")}
     r = run(["-m", "gpu_ver", "devcheck", "--device", "opencl", "--parts", "grad",
              "--out", str(tmp_path / "dc0")], env=cache)

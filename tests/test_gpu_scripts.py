@@ -100,8 +100,8 @@ def test_cpu_fallback_command_and_part_specs():
     assert specs["drmad"]["command"] == "py311 -m gpu_ver drmad --x 1" and specs["drmad"]["limit"] == 12
     assert specs["densenet"]["disabled"] and not specs["info"]["disabled"]
     only = {s["name"]: s["disabled"] for s in gr.part_specs({"HPO_PARTS": "info,smoke"})}
-    assert only == {"info": False, "smoke": False, "crosscheck": True, "torch_densenet": True,
-                    "drmad": True, "densenet": True}
+    assert only == {"info": False, "smoke": False, "crosscheck": True, "devcheck": True, "torch_densenet": True,
+                    "drmad": True, "densenet": True, "densenet_cached": True}
 
 
 # --------------------------------------------------------------------------- CUDA library linking
