@@ -31,11 +31,11 @@ import numpy as np
 
 from cpu_ver import adaptive as ad
 from cpu_ver.models import MLP, parse_layers
-from shared.online import (BASELINE_OF, CHECKPOINTS, add_checkpoint_arguments, baseline_kwargs, baseline_metrics,
+from shared.online import (BASELINE_OF, CHECKPOINTS, add_run_arguments, baseline_kwargs, baseline_metrics,
                            check_checkpoint_options, check_validation_split, final_metrics, jsonable_start,
                            kwargs_from_start, resolve_run_dir, resume_command, run_identity, start_from_hypers,
                            stop_for_baseline)
-from shared.cli import add_overwrite_argument, invocation
+from shared.cli import invocation
 from shared.errors import ConfigError
 
 _DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -88,13 +88,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--eval-every", type=int, default=10, help="log curves every N steps (default 10)")
     a("--no-baseline", dest="baseline", action="store_false", help="skip the plain optimiser's run")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    if not _has(parser, "--overwrite"):
-        add_overwrite_argument(a)
-    if not _has(parser, "--hypers-from"):
-        a("--hypers-from", default=None, metavar="RUN_DIR|FILE",
-          help="start from the learning rate and L2 (at step 0) that a run saved (RUN_DIR/hypers.json, or a "
-               "hypers.npz/json file) for this layout and --steps")
-    add_checkpoint_arguments(a)
+    add_run_arguments(parser)
     return parser
 
 

@@ -226,6 +226,21 @@ def resume_command(prog: str, args, run_dir):
     return None if argv is None else resume_argv([*prog.split(), *argv], ["--resume", run_dir])
 
 
+def add_run_arguments(parser) -> None:
+    """The adaptive commands' run options, the same in both backends: ``--overwrite`` and
+    ``--hypers-from`` (each unless the parser has it already) and the checkpoint options."""
+    from shared.cli import add_overwrite_argument  # noqa: PLC0415
+
+    a, have = parser.add_argument, parser._option_string_actions
+    if "--overwrite" not in have:
+        add_overwrite_argument(a)
+    if "--hypers-from" not in have:
+        a("--hypers-from", default=None, metavar="RUN_DIR|FILE",
+          help="start from the learning rate and L2 (at step 0) that a run saved (RUN_DIR/hypers.json, or a "
+               "hypers.npz/json file) for this layout and --steps")
+    add_checkpoint_arguments(a)
+
+
 def add_checkpoint_arguments(add) -> None:
     """``--checkpoint-every``, ``--resume``, ``--stop-after`` (``add``: a parser's add_argument)."""
     add("--checkpoint-every", type=int, default=0,
