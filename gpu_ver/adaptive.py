@@ -692,6 +692,11 @@ class OnlineRun:
         self._warned = False
         self._fn, self._mon_names = self._compile(bn_momentum, name or method.name)
 
+    @property
+    def function(self):
+        """The compiled Theano function of one step (for ``gpu_ver.hostops``)."""
+        return self._fn
+
     # graph -------------------------------------------------------------------------
     def _compile(self, bn_momentum, name):
         m, meth, S, w = self.model, self.method, self.S, self.w
@@ -1015,6 +1020,20 @@ def check_all(tol=1e-6, seed=0) -> dict:
     errs[TRACE_NAMES[0]] = fd_check(trace_hypergradient(problem, method_name="smd"), seed)
     errs[TRACE_NAMES[1]] = fd_check(trace_hypergradient(problem, method_name="idbd"), seed)
     return errs
+
+
+def unexpected_host_ops(seed=0) -> dict:
+    """``method -> sorted host ops`` (``gpu_ver.hostops.unexpected``) of the compiled step of
+    every ``CHECK_CONFIGS`` method on the check MLP, for the methods that have any: empty on a
+    GPU device when every update stays there (meaningless on the C backend, where all is host)."""
+    from gpu_ver import hostops  # noqa: PLC0415
+
+    out = {}
+    for name in CHECK_CONFIGS:
+        bad = sorted({h.text for h in hostops.unexpected(_prepared_run(name, build_check_problem(seed)).function)})
+        if bad:
+            out[name] = bad
+    return out
 
 
 def _rel(a, b) -> float:

@@ -121,6 +121,10 @@ def crosscheck(seed=0, T=30, layers=(64, 20, 10), activation="tanh", batch=50, a
             t5 = time.perf_counter()
             for m, v in dict(crosscheck_adaptive()).items():
                 metrics["max_rel_diff_hypergradient"][str(m)] = float(v)
+            from gpu_ver import config  # noqa: PLC0415
+            if config.on_gpu(config.load()):
+                from gpu_ver.adaptive import unexpected_host_ops  # noqa: PLC0415
+                metrics["adaptive_unexpected_host_ops"] = unexpected_host_ops()
             timings["adaptive_s"] = time.perf_counter() - t5
     timings["total_s"] = time.perf_counter() - t0
     return metrics, timings
@@ -145,6 +149,8 @@ def print_table(metrics) -> None:
         print(f"{n:<48}{v:>12.3e}{t:>10.0e}{'' if ok else '  FAIL'}")
     for meth, d in metrics["rel_diff_hypergradient_by_group"].items():
         print(f"  {meth:<22}" + "  ".join(f"{k} {v:.2e}" for k, v in d.items()))
+    for meth, ops in (metrics.get("adaptive_unexpected_host_ops") or {}).items():
+        print(f"  host ops of the device step [{meth}]: {', '.join(ops)}")
 
 
 # --------------------------------------------------------------------------- command line

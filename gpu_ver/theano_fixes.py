@@ -224,6 +224,20 @@ FIXES = (
                "tmp.tag.test_value = np.asarray(tv).flatten()[0]"),
          Patch("theano.tensor.opt", "s.tag.test_value = v.flatten()[0]",
                "s.tag.test_value = np.asarray(v).flatten()[0]"))),
+    Fix("minmax-nan-literal",
+        "the C code of the scalar maximum and minimum writes their NaN result (an operand is "
+        "NaN) as the C library call nan(\"\"); OpenCL's nan() takes an unsigned nancode, so every "
+        "GPU elemwise kernel with a max or min (the online methods' clipping and positivity "
+        "floors) fails to build on OpenCL (\"no matching function for call to '_cl_nan'\") "
+        "and the process crashes in pocl. The NaN is written as x + y, which is NaN in every "
+        "C dialect whenever both comparisons fail (one operand is NaN); the two ops' cache version "
+        "is bumped (compiled modules are keyed by it, not by their source)",
+        (Patch("theano.scalar.basic", """f'(({x})>=({y})? ({x}): nan("")));'""",
+               """f'(({x})>=({y})? ({x}): ({x}) + ({y})));'\n\n"""
+               """    def c_code_cache_version(self):\n        return (4, 1)"""),
+         Patch("theano.scalar.basic", """f'(({x})<=({y})? ({x}): nan("")));'""",
+               """f'(({x})<=({y})? ({x}): ({x}) + ({y})));'\n\n"""
+               """    def c_code_cache_version(self):\n        return (4, 1)"""))),
     Fix("gemv-beta-zero",
         "GpuGemv passes uninitialised memory as y when beta = 0, and CLBlast's gemv still "
         "computes 0*y (0*NaN = NaN): matrix-vector products are NaN from step 0 on OpenCL. "
