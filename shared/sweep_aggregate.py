@@ -10,9 +10,8 @@ seed), with ``seeds`` the number of runs averaged:
 Metrics: the spec's ``metrics`` list (dotted names reach into one level of a dict, e.g.
 ``baseline.final_val_loss``, ``cosine_drmad_vs_exact.l2``), or by default every number
 the runs' results.json hold at the top level or one dict down, except timings (``*_s``,
-``seconds``) and counters. A missing or null value is left out of that mean (``seeds``
-counts the runs that have every metric of the row; a metric one run lacks has its own
-count in ``<metric> n``).
+``seconds``) and counters. ``seeds`` counts the configuration's done runs; a missing, null
+or non-finite value is left out of its metric's mean (an empty cell when no run has it).
 
 ``aggregate`` prints the table, writes ``summary.csv`` (full precision) and returns the
 rows for results.json; ``draw`` makes the spec's plots (``shared/sweep_plots.py``).
@@ -98,12 +97,10 @@ def table(spec, runs: list) -> tuple:
     for conf, ms in groups.items():
         c = dict(conf)
         row = [c.get(a) for a in axes]
-        cells, n = [], len(ms)
+        cells = []
         for m in metrics:
-            vals = [value(x, m) for x in ms]
-            n = min(n, sum(_number(v) for v in vals))
-            cells += list(mean_std(vals))
-        rows.append(row + [n] + cells)
+            cells += list(mean_std([value(x, m) for x in ms]))
+        rows.append(row + [len(ms)] + cells)
     return columns, rows
 
 

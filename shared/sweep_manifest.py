@@ -68,7 +68,9 @@ def write(folder, manifest: dict) -> Path:
 
 
 def _label(e: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in e["axes"].items()) or "the single run"
+    """``part: axis=value, ...`` of a manifest entry."""
+    words = ", ".join(f"{k}={v}" for k, v in e["axes"].items() if k != "part") or "the single run"
+    return f"{e['part']}: {words}" if e["part"] else words
 
 
 def _option_changes(old: dict, new_runs: dict) -> str:
@@ -103,12 +105,12 @@ def reconcile(old: dict, spec, folder, *, extend: bool) -> dict:
     if removed:
         e = old["runs"][removed[0]]
         raise ConfigError(f"{spec.path}: changed since {where}: {len(removed)} run(s) there are no longer in the "
-                          f"spec (first: {e['part'] + ': ' if e['part'] else ''}{_label(e)}"
+                          f"spec (first: {_label(e)}"
                           f"{_option_changes(e, fresh)}); restore the spec or choose another --out")
     if added and not extend:
         e = fresh[added[0]]
         raise ConfigError(f"{spec.path}: changed since {where}: {len(added)} new run(s) (first: "
-                          f"{e['part'] + ': ' if e['part'] else ''}{_label(e)}); pass --extend to add them to "
+                          f"{_label(e)}); pass --extend to add them to "
                           "this sweep, or choose another --out")
     runs = {}
     for rid, e in fresh.items():
