@@ -177,16 +177,15 @@ def parse_slurm(text: str) -> dict:
 
 
 def slurm_cluster(settings: dict):
-    """A dask-jobqueue SLURMCluster whose jobs are one single-threaded worker each (nothing is
-    submitted until ``scale``). ConfigError when dask-jobqueue is not installed."""
+    """A dask-jobqueue SLURMCluster whose jobs are one single-threaded worker each (``cores``
+    threads with ``cores=``; nothing is submitted until ``scale``). ConfigError when dask-jobqueue is not installed."""
     try:
         from dask_jobqueue import SLURMCluster  # noqa: PLC0415
     except ImportError:
         raise ConfigError("--slurm needs dask-jobqueue: pip install 'hypergrad-hpo[slurm]'") from None
     kw = {"queue": settings.get("queue"), "walltime": settings.get("walltime", "01:00:00"),
           "cores": settings.get("cores", 1), "processes": 1, "memory": settings.get("memory", "4GB"),
-          "account": settings.get("account"), "python": settings.get("python", sys.executable),
-          "worker_extra_args": ["--nthreads", "1"], "scheduler_options": {"dashboard_address": None}}
+          "account": settings.get("account"), "python": settings.get("python", sys.executable)}
     return SLURMCluster(**{k: v for k, v in kw.items() if v is not None})
 
 
@@ -203,7 +202,7 @@ def cluster(*, workers: int = 2, scheduler: str | None = None, slurm: dict | Non
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         if scheduler:
             try:
-                client = Client(scheduler, timeout="20s")
+                client = Client(scheduler, timeout="10s")
             except (OSError, TimeoutError) as e:
                 raise ConfigError(f"--scheduler {scheduler}: cannot connect ({e})") from None
             with client:

@@ -9,7 +9,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny, fast runs: about 2 s each, most of it the interpreter's imports
-TINY = {"dataset": "synthetic", "n_train": 100, "n_val": 50, "hypers": "l2", "layers": "20,8,4"}
+TINY = {"dataset": "synthetic", "n_train": 100, "n_val": 50, "hypers": "l2"}
+# two exact hypergradients of 5 steps (seeds 0, 1)
+HG_TINY = {"name": "hg", "command": "hypergrad", "options": {**TINY, "method": "exact", "iters": 5},
+           "grid": {"seed": [0, 1]}}
 
 
 def toml_value(v) -> str:

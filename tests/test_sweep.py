@@ -18,11 +18,10 @@ import pytest
 
 from shared import sweep_spec
 from shared.errors import ConfigError
-from sweep_helpers import (REPO, TINY, env, manifest, metrics, run, run_alone, sweep_argv, without_timings,
+from sweep_helpers import (HG_TINY, REPO, TINY, env, manifest, metrics, run, run_alone, sweep_argv, without_timings,
                                  write_spec)
 
-HG = {"name": "hg", "command": "hypergrad", "options": {**TINY, "method": "exact", "iters": 5},
-      "grid": {"seed": [0, 1]}}
+HG = HG_TINY
 META = {"name": "meta", "command": "meta", "options": {**TINY, "iters": 20, "meta_iters": 40},
         "grid": {"seed": [0, 1]}}
 # a learning rate outside the fixed-point range: refused by the run (exit 2) after its options pass
