@@ -66,13 +66,25 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _theano_root() -> str:
+def _theano_root(environ) -> str:
     """The compile-cache root a run's folder goes under: ``$HPO_THEANO_CACHE`` or the default
     (the same default gpu_ver/config.py uses)."""
-    if os.environ.get(ENV_CACHE):
-        return os.path.abspath(os.path.expanduser(os.environ[ENV_CACHE]))
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if environ.get(ENV_CACHE):
+        return os.path.abspath(os.path.expanduser(environ[ENV_CACHE]))
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "hypergrad-hpo", "theano")
+
+
+def run_env(environ, worker: str) -> dict:
+    """The environment of a run on ``worker``: ``environ`` with its own Theano compile folder
+    (``<root>/sweep-worker-<worker>``, see ``_theano_root``) and one BLAS thread where
+    ``environ`` sets none."""
+    env = dict(environ)
+    root = _theano_root(environ)
+    env[ENV_CACHE] = os.path.join(root, f"sweep-worker-{worker}")
+    for var in THREAD_VARS:
+        env.setdefault(var, "1")
+    return env
 
 
 def worker_name() -> str:
@@ -121,10 +133,7 @@ def run_task(task: dict) -> dict:
     folder = Path(task["folder"])
     folder.mkdir(parents=True, exist_ok=True)
     name = worker_name()
-    env = dict(os.environ)
-    env[ENV_CACHE] = os.path.join(_theano_root(), f"sweep-worker-{name}")
-    for var in THREAD_VARS:
-        env.setdefault(var, "1")
+    env = run_env(os.environ, name)
     cwd = task.get("cwd") if task.get("cwd") and os.path.isdir(task["cwd"]) else None
     t0 = time.perf_counter()
     with _locked(folder / LOCK_FILE):

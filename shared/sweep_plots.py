@@ -14,8 +14,8 @@ deviation, the spread ``shared/sweep_aggregate.py`` reports):
   (e.g. ``momentum``; other axes that vary also separate lines), one panel per ``panel``
   (e.g. ``iters``); error bars and band: one standard deviation over seeds.
 
-Other keys: ``file`` (required, a ``.png`` name), ``title``, ``ylabel``, ``log_y``, ``where``
-(a table ``{axis = value}`` keeping only those runs), ``labels`` (axis value -> text for
+Other keys: ``file`` (required, a ``.png`` name), ``title``, ``xlabel``, ``ylabel``, ``log_y``,
+``where`` (a table ``{axis = value}`` keeping only those runs; those axes leave the legend), ``labels`` (axis value -> text for
 legends and ticks). ``check_plot`` refuses an unknown key or kind, naming the spec and plot.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ from shared.records import save_figure
 from shared.sweep_aggregate import configuration, value
 
 KINDS = ("curves", "axes")
-KEYS = {"kind", "file", "x", "y", "hue", "panel", "baseline", "title", "ylabel", "log_x", "log_y", "where", "labels"}
+KEYS = {"kind", "file", "x", "y", "hue", "panel", "baseline", "title", "xlabel", "ylabel", "log_x", "log_y", "where",
+        "labels"}
 
 
 def check_plot(spec, i: int, p: dict) -> None:
@@ -123,7 +124,8 @@ def curves(spec, p, runs, path) -> Path | None:
         for e, d in sub:
             groups.setdefault(configuration(e, spec.seed_axis), []).append(d)
         for i, (conf, ds) in enumerate(groups.items()):
-            color, lab = colors[i % len(colors)], _label(conf, (p.get("panel"), spec.seed_axis), p.get("labels"))
+            color = colors[i % len(colors)]
+            lab = _label(conf, (p.get("panel"), spec.seed_axis, *(p.get("where") or {})), p.get("labels"))
             for prefix, style in (("", "-"), (p.get("baseline"), "--")):
                 if prefix is None:
                     continue
@@ -136,7 +138,7 @@ def curves(spec, p, runs, path) -> Path | None:
                 tag = lab if not prefix else f"{lab}: plain {value(ds[0]['metrics'], prefix + '.optimizer') or prefix}"
                 _band(ax, x, ys, color, tag, style)
                 drawn = True
-        _decorate(ax, p, pv, p.get("x") or "iteration")
+        _decorate(ax, p, pv, p.get("xlabel") or p.get("x") or "iteration")
     return _save(fig, p, spec, path, drawn)
 
 
@@ -168,17 +170,19 @@ def axes(spec, p, runs, path) -> Path | None:
             n = max(len(vs) for _, vs in pts)
             ax.errorbar(pos, m, yerr=s if n > 1 else None, color=color, marker="o", ms=4, capsize=3,
                         lw=1.4 if numeric else 0, elinewidth=1.4,
-                        label=f"{_label(key, (), p.get('labels'))} ({n} seed{'s' if n > 1 else ''})")
+                        label=f"{_label(key, tuple(p.get('where') or {}), p.get('labels'))} "
+                              f"({n} seed{'s' if n > 1 else ''})")
             if n > 1 and numeric:
                 ax.fill_between(pos, m - s, m + s, color=color, alpha=0.15, lw=0)
             drawn = True
         if numeric and p.get("log_x"):
             ax.set_xscale("log")
-        if not numeric:
+            ax.minorticks_off()
+        if numeric:
+            ax.set_xticks(order, [f"{v:g}" for v in order])
+        else:
             ax.set_xticks(range(len(order)), [_text(v, p.get("labels")) for v in order])
-        elif not p.get("log_x"):
-            ax.set_xticks(order)
-        _decorate(ax, p, pv, p["x"])
+        _decorate(ax, p, pv, p.get("xlabel") or p["x"])
     return _save(fig, p, spec, path, drawn)
 
 
@@ -201,7 +205,10 @@ def _save(fig, p, spec, path, drawn):
         plt.close(fig)
         return None
     scale = f", scale {spec.scale}" if spec.scale else ""
-    fig.suptitle(p.get("title", f"{spec.name}{scale}: {p['y']}") + ("" if "title" not in p else scale), fontsize=11)
+    import textwrap  # noqa: PLC0415
+
+    title = p.get("title", f"{spec.name}: {p['y']}") + scale
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 12)), fontsize=11)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -24,6 +24,8 @@ A spec (read with the standard library's ``tomllib``) says what to run and over 
     [scales.tiny]                      # --scale tiny: options merged over every part's options,
     options = { steps = 50 }           # grid axes replacing the axes of the same name
     grid = { seed = [0, 1] }
+    [scales.tiny.parts.meta]           # and for one part only (options it alone has)
+    options = { meta_iters = 8 }
     [scales.paper] ...
 
     [[plots]]                          # read by shared/sweep_plots.py
@@ -55,7 +57,7 @@ RESERVED = ("out", "resume", "overwrite", "no_progress", "progress")
 _TOP_KEYS = {"name", "description", "backend", "command", "seed_axis", "options", "grid", "parts", "scales",
              "plots", "metrics"}
 _PART_KEYS = {"name", "backend", "command", "options", "grid"}
-_SCALE_KEYS = {"options", "grid", "description"}
+_SCALE_KEYS = {"options", "grid", "description", "parts"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -244,12 +246,21 @@ def load(path, scale: str | None = None) -> Spec:
         pname = part.get("name", "" if "parts" not in doc else None)
         if pname is None or not isinstance(pname, str) or (pname and not _NAME.match(pname)):
             _fail(path, f"{where}.name", f"each part needs a name of letters, digits, '-', '_' or '.', got {pname!r}")
-        for r in _expand(path, where, pname, base, part, sc_opts, sc_grid):
+        own = _table(path, f"scales.{scale}.parts.{pname}", (sc.get("parts") or {}).get(pname))
+        _check_keys(path, f"scales.{scale}.parts.{pname}", own, {"options", "grid"})
+        p_opts = {**sc_opts, **_check_options(path, f"scales.{scale}.parts.{pname}.options",
+                                              _table(path, "options", own.get("options")))}
+        p_grid = {**sc_grid, **_check_grid(path, f"scales.{scale}.parts.{pname}.grid",
+                                           _table(path, "grid", own.get("grid")))}
+        for r in _expand(path, where, pname, base, part, p_opts, p_grid):
             if r.run_id in seen:
                 _fail(path, where, f"two runs with the same options ({seen[r.run_id]} and {r.folder_name})")
             seen[r.run_id] = r.folder_name
             axes += [k for k in r.axes if k not in axes]
             runs.append(r)
+    for pname in _table(path, f"scales.{scale}.parts", sc.get("parts")):
+        if pname not in [p.get("name") for p in parts]:
+            _fail(path, f"scales.{scale}.parts.{pname}", "the spec has no part of this name")
     for k in sc_grid:
         if k not in axes:
             _fail(path, f"scales.{scale}.grid.{k}", "no part of the spec has this grid axis")
