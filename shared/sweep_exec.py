@@ -71,7 +71,7 @@ def _theano_root(environ) -> str:
     (the same default gpu_ver/config.py uses)."""
     if environ.get(ENV_CACHE):
         return os.path.abspath(os.path.expanduser(environ[ENV_CACHE]))
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
     return os.path.join(base, "hypergrad-hpo", "theano")
 
 

@@ -63,6 +63,17 @@ def _keep(runs, where: dict):
     return [(e, d) for e, d in runs if all(e["axes"].get(k) == v for k, v in (where or {}).items())]
 
 
+def _implied(runs, seed_axis) -> tuple:
+    """``("part",)`` when the other grid values already say which part a run belongs to (the part
+    then neither names nor separates lines), else ``()``."""
+    seen = {}
+    for e, _ in runs:
+        rest = tuple((k, v) for k, v in e["axes"].items() if k not in ("part", seed_axis))
+        if seen.setdefault(rest, e["axes"].get("part")) != e["axes"].get("part"):
+            return ()
+    return ("part",)
+
+
 def _text(v, labels) -> str:
     return str((labels or {}).get(str(v), v))
 
@@ -125,7 +136,8 @@ def curves(spec, p, runs, path) -> Path | None:
             groups.setdefault(configuration(e, spec.seed_axis), []).append(d)
         for i, (conf, ds) in enumerate(groups.items()):
             color = colors[i % len(colors)]
-            lab = _label(conf, (p.get("panel"), spec.seed_axis, *(p.get("where") or {})), p.get("labels"))
+            lab = _label(conf, (p.get("panel"), spec.seed_axis, *(p.get("where") or {}), *_implied(runs, spec.seed_axis)),
+                         p.get("labels"))
             for prefix, style in (("", "-"), (p.get("baseline"), "--")):
                 if prefix is None:
                     continue
@@ -154,7 +166,8 @@ def axes(spec, p, runs, path) -> Path | None:
         sub = [(e, d) for e, d in runs if p.get("panel") is None or e["axes"].get(p["panel"]) == pv]
         lines = {}
         for e, d in sub:
-            key = tuple((k, v) for k, v in configuration(e, spec.seed_axis) if k not in (p["x"], p.get("panel")))
+            key = tuple((k, v) for k, v in configuration(e, spec.seed_axis)
+                        if k not in (p["x"], p.get("panel"), *_implied(runs, spec.seed_axis)))
             lines.setdefault(key, {}).setdefault(e["axes"][p["x"]], []).append(value(d.get("metrics") or {}, p["y"]))
         for i, (key, by_x) in enumerate(lines.items()):
             pts = [(xv, [v for v in by_x[xv] if isinstance(v, (int, float)) and v is not None]) for xv in order
