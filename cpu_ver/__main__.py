@@ -147,12 +147,14 @@ def cmd_hypergrad(args):
                                      for g in tuned if g in main_res.grads}
     if args.method == "all":
         ex, dm = results["exact"].grads, results["drmad"].grads
-        cos = {}
+        cos, sign = {}, {}
         for g in tuned:
             if g in dm:
                 a, b = ex[g].ravel(), dm[g].ravel()
                 cos[g] = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-300))
+                sign[g] = float(np.mean(np.sign(a) == np.sign(b)))      # fraction of entries of the same sign
         metrics["cosine_drmad_vs_exact"] = cos
+        metrics["sign_agreement_drmad_vs_exact"] = sign
         metrics["drmad_hypergradient"] = {g: dm[g].tolist() for g in tuned if g in dm}
         t0 = time.perf_counter()
         rows = check_groups(problem, hypers, ex, seed=args.seed, groups=tuned)
