@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import io
 import os
@@ -131,7 +132,7 @@ def _prepare(args):
             raise ConfigError(f"--{name} must be an integer >= {lo}, got {v}")
     spec = sweep_spec.load(find_spec(args.spec), args.scale)
     if args.limit is not None:
-        spec = type(spec)(**{**spec.__dict__, "runs": spec.runs[:args.limit]})
+        spec = dataclasses.replace(spec, runs=spec.runs[:args.limit])
     tasks = check_runs(spec)
     from shared.sweep_plots import check_plot  # noqa: PLC0415
 
