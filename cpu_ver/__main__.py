@@ -1,4 +1,4 @@
-"""``python -m cpu_ver hypergrad|meta|check|adaptive|summarize`` (README.md, "Commands").
+"""``python -m cpu_ver hypergrad|meta|check|adaptive|summarize|sweep`` (README.md, "Commands").
 
 Every command takes --seed, --out DIR (default runs/<command>-<time>), --overwrite
 and --help, shows progress bars, and writes DIR/results.json atomically with the
@@ -6,7 +6,9 @@ keys command, versions, config, metrics and timings; PNG plots, checkpoints and
 command.txt go beside it, all in that one folder. Input problems (checked before
 any work: option ranges, the run folder) end with a one-line ``error: ...`` on
 stderr and exit status 2. ``summarize RUN_DIR...`` prints one table of earlier runs
-and writes a folder (summary.csv, command.txt) only when --out is given.
+and writes a folder (summary.csv, command.txt) only when --out is given. ``sweep SPEC``
+(``shared/sweep_cli.py``, the same command in gpu_ver) runs a sweep spec on Dask and
+manages its own sweep folder.
 """
 from __future__ import annotations
 
@@ -145,12 +147,14 @@ def cmd_hypergrad(args):
                                      for g in tuned if g in main_res.grads}
     if args.method == "all":
         ex, dm = results["exact"].grads, results["drmad"].grads
-        cos = {}
+        cos, sign = {}, {}
         for g in tuned:
             if g in dm:
                 a, b = ex[g].ravel(), dm[g].ravel()
                 cos[g] = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-300))
+                sign[g] = float(np.mean(np.sign(a) == np.sign(b)))      # fraction of entries of the same sign
         metrics["cosine_drmad_vs_exact"] = cos
+        metrics["sign_agreement_drmad_vs_exact"] = sign
         metrics["drmad_hypergradient"] = {g: dm[g].tolist() for g in tuned if g in dm}
         t0 = time.perf_counter()
         rows = check_groups(problem, hypers, ex, seed=args.seed, groups=tuned)
@@ -257,6 +261,11 @@ def cmd_summarize(args):
     return run_summarize(args, record_argv(args))
 
 
+def cmd_sweep(args):
+    from shared.sweep_cli import run_sweep
+    return run_sweep(args, record_argv(args))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,13 +303,30 @@ def parser() -> argparse.ArgumentParser:
     cli.add_overwrite_argument(s.add_argument)
     add_summarize_arguments(s)
     s.set_defaults(func=cmd_summarize)
+
+    from shared.sweep_cli import HELP as SWEEP_HELP, add_sweep_arguments
+    w = sub.add_parser("sweep", help=SWEEP_HELP, description=SWEEP_HELP)
+    add_sweep_arguments(w)
+    w.set_defaults(func=cmd_sweep)
     return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser (the name gpu_ver uses; ``shared/sweep_cli.py`` reads it)."""
+    return parser()
+
+
+def checkpoint_file(command: str):
+    """The file ``--resume`` of ``command`` continues from (None: the command does not resume)."""
+    return CHECKPOINT.get(command)
 
 
 # The checkpoint a command resumes from (commands without one cannot be resumed).
 CHECKPOINT = {"meta": "checkpoint.npz", "adaptive": CHECKPOINTS["adaptive"]}
 # Commands that make a run folder only when --out is given (the others default to runs/<command>-<time>).
 PRINT_ONLY = ("summarize",)
+# Commands that check and write their folder themselves (the sweep folder and its manifest).
+OWN_FOLDER = ("sweep",)
 
 
 def record_argv(args) -> list:
@@ -315,7 +341,7 @@ def main(argv=None) -> int:
 
     def work():
         cli.check_options(args)
-        if args.command not in PRINT_ONLY or args.out:
+        if args.command not in OWN_FOLDER and (args.command not in PRINT_ONLY or args.out):
             cli.prepare_run_folder(args, args.command, CHECKPOINT.get(args.command))
         # the commands that checkpoint: Ctrl-C from the start to the last file stops at a step boundary
         with deferred() if args.func in (cmd_meta, cmd_adaptive) else nullcontext():

@@ -16,6 +16,8 @@ with a one-line ``error: ...`` on stderr and exit status 2; Ctrl-C with 130.
 ``results.json`` only when ``--out`` is given. ``summarize RUN_DIR...`` prints one
 table of earlier runs (``shared/summary.py``, the same as ``cpu_ver summarize``),
 writes ``summary.csv`` only when ``--out`` is given, and never imports Theano.
+``sweep SPEC`` (``shared/sweep_cli.py``, the same command as ``cpu_ver sweep``) runs a sweep
+spec's runs on Dask, each as its own process; it never imports Theano either.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Command:
     checkpoint: str | None = None       # the file --resume continues from (None: not resumable)
     run_folder: bool = True             # writes a run folder even without --out
     theano: bool = True                 # False: never loads Theano (no --device/--floatX/--seed, no cache check)
+    own_folder: bool = False            # checks and writes its folder itself (sweep: its manifest)
 
 
 def argv_record(args) -> list:
@@ -183,7 +186,30 @@ COMMANDS["summarize"] = Command("one table of several runs: the options that dif
                                 run_folder=False, theano=False)
 
 
+def run_sweep(args) -> int:
+    from shared.sweep_cli import run_sweep as run  # noqa: PLC0415
+
+    return run(args, argv_record(args))
+
+
+def _add_sweep_args(p):
+    from shared.sweep_cli import add_sweep_arguments  # noqa: PLC0415
+
+    add_sweep_arguments(p)
+
+
+COMMANDS["sweep"] = Command("run a sweep spec's runs on Dask (embedded cluster, a scheduler, or SLURM); table and "
+                            "plots", _add_sweep_args, run_sweep, run_folder=False, theano=False, own_folder=True)
+
+
+def checkpoint_file(command: str):
+    """The file ``--resume`` of ``command`` continues from (None: the command does not resume)."""
+    return COMMANDS[command].checkpoint
+
+
 def add_common_args(p, cmd: Command):
+    if cmd.own_folder:
+        return
     if not cmd.theano:
         p.add_argument("--out", default=None,
                        help="write the command's files there (default: print only)" if not cmd.run_folder
@@ -241,7 +267,7 @@ def main(argv=None) -> int:
         if cmd.theano:
             floatX = args.floatX or _env_floatX() or cmd.default_floatX
             cli.check_writable_folder(config.default_cache_dir(), _cache_setting())
-        if cmd.run_folder or args.out:
+        if not cmd.own_folder and (cmd.run_folder or args.out):
             cli.prepare_run_folder(args, args.command, cmd.checkpoint)
         if cmd.theano:
             config.load(device=args.device, floatX=floatX)

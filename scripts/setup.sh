@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with CPython 3.11 and install the package (editable) with its pinned dependencies.
+# HPO_EXTRAS=slurm (scripts/test.sh sets it) adds optional extras from setup.cfg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=""
@@ -14,4 +15,4 @@ if [ -z "$PY" ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e . 
+.venv/bin/python -m pip install -q -e ".${HPO_EXTRAS:+[$HPO_EXTRAS]}"

@@ -51,6 +51,8 @@ def test_hypergrad_all_agrees_with_finite_differences(tmp_path):
     assert m["reversal_max_abs_error"] == 0.0
     assert m["max_rel_err_exact_vs_fd"] < 1e-6
     assert min(m["cosine_drmad_vs_exact"].values()) > 1 - 1e-9   # K = T: DrMAD equals exact
+    assert m["sign_agreement_drmad_vs_exact"].keys() == m["cosine_drmad_vs_exact"].keys()
+    assert min(m["sign_agreement_drmad_vs_exact"].values()) == 1.0    # ... so every sign agrees
 
 
 def test_check_methods_within_tolerance():

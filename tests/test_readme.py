@@ -19,6 +19,7 @@ gpu_ver info               nothing (writes no folder without --out: ``FOLDERS``)
 gpu_ver train              1 epoch, 32 / 16 / 16 images of 8x8, batch 16, float64 (the type every
                            other test compiles in, so a worker's compile cache has most modules)
 gpu_ver drmad              2 meta-iterations of 8 steps, MLP 64-12-10, 200 / 100 examples
+cpu_ver sweep              the first 2 runs of the spec (``--limit 2``) on the default 2 workers
 =========================  ===================================================================
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ OVERRIDES = {
     ("gpu_ver", "train"): ["--epochs", "1", "--n-train", "32", "--n-val", "16", "--n-test", "16", "--batch", "16",
                            "--eval-batch", "16", "--image-size", "8", "--floatX", "float64", "--no-progress"],
     ("gpu_ver", "drmad"): ["--meta-iters", "2", *MLP_TINY],
+    ("cpu_ver", "sweep"): ["--limit", "2", "--no-progress"],
 }
 FOLDERS = {("gpu_ver", "info"): 0}      # run folders a command writes without --out (default 1)
 

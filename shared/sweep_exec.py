@@ -1,0 +1,306 @@
+"""Running a sweep's runs on Dask: an embedded LocalCluster, a scheduler's address, or SLURM.
+
+Each run is one Dask task, ``run_task``, which starts the backend's command as a
+subprocess (``python -m cpu_ver adaptive ... --out RUN_FOLDER``) on the worker, so that
+runs are isolated from each other and from the worker, and a killed worker is a real
+fault: the subprocess dies with it (``PR_SET_PDEATHSIG`` on Linux). A run writes its own
+results durably (its folder's results.json, written atomically by the command), so nothing
+completed lives only in a worker's memory.
+
+``execute`` is the driver's loop: it hands runs to the cluster (as many as the cluster has
+threads), records every change of state in ``manifest.json`` (``shared/sweep_manifest.py``),
+and on a failure (non-zero exit, or a worker lost while running it; Dask's own silent
+re-execution is switched off, ``allowed-failures`` 0, so every loss is counted) hands the
+run out again, up to ``retries`` times; a command that checkpoints continues from its
+checkpoint (``--resume``), another starts again with ``--overwrite``. Then the run is
+``failed`` with the reason, and the sweep goes on.
+
+Each worker gives its runs their own Theano compile folder, ``<root>/sweep-worker-<name>``
+(root: ``$HPO_THEANO_CACHE`` or the default cache folder), so gpu_ver runs on one machine
+never wait on each other's compile lock; the runs of one worker reuse its modules. Each
+run gets one BLAS thread (unless the caller's environment sets one): a worker is one
+thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.errors import ConfigError
+from shared.records import RESULTS_FILE, run_files
+
+LOG_FILE = "sweep.log"              # the run's stdout and stderr, every attempt appended
+LOCK_FILE = ".sweep-lock"           # held while an attempt runs: two attempts never share a folder
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+ENV_CACHE = "HPO_THEANO_CACHE"
+
+
+# ---------------------------------------------------------------------------------- worker side
+
+def _die_with_parent():
+    """In the child before exec: SIGKILL when the worker that started it dies (Linux)."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)     # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (waits for an earlier attempt still running there)."""
+    import fcntl  # noqa: PLC0415
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _theano_root(environ) -> str:
+    """The compile-cache root a run's folder goes under: ``$HPO_THEANO_CACHE`` or the default
+    (the same default gpu_ver/config.py uses)."""
+    if environ.get(ENV_CACHE):
+        return os.path.abspath(os.path.expanduser(environ[ENV_CACHE]))
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hypergrad-hpo", "theano")
+
+
+def run_env(environ, worker: str) -> dict:
+    """The environment of a run on ``worker``: ``environ`` with its own Theano compile folder
+    (``<root>/sweep-worker-<worker>``, see ``_theano_root``) and one BLAS thread where
+    ``environ`` sets none."""
+    env = dict(environ)
+    root = _theano_root(environ)
+    env[ENV_CACHE] = os.path.join(root, f"sweep-worker-{worker}")
+    for var in THREAD_VARS:
+        env.setdefault(var, "1")
+    return env
+
+
+def worker_name() -> str:
+    """This Dask worker's name as a file-name word ('local' outside a worker)."""
+    try:
+        from distributed import get_worker  # noqa: PLC0415
+
+        name = str(get_worker().name)
+    except (ImportError, ValueError):
+        name = "local"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "worker"
+
+
+def attempt_argv(task: dict) -> list:
+    """The command line of the next attempt at ``task``: ``--resume FOLDER`` when the command
+    checkpoints and its checkpoint is there, else ``--out FOLDER`` (with ``--overwrite`` when
+    an earlier attempt left run files)."""
+    folder = Path(task["folder"])
+    argv = [sys.executable, "-m", task["backend"], task["command"], *task["argv"]]
+    ckpt = task.get("checkpoint")
+    if ckpt and (folder / ckpt).is_file():
+        return argv + ["--resume", str(folder)]
+    argv += ["--out", str(folder)]
+    return argv + (["--overwrite"] if run_files(folder) else [])
+
+
+def _reason(log: Path, offset: int, rc: int) -> str:
+    """Why an attempt failed: its last ``error: ...`` line, else its last line, and the exit."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+    last = errors[-1] if errors else (lines[-1][:300] if lines else "no output")
+    return f"{how}: {last}"
+
+
+def run_task(task: dict) -> dict:
+    """Run one attempt of a sweep run on this worker (the Dask task).
+
+    ``task``: ``backend``, ``command``, ``argv`` (the options), ``folder`` (absolute),
+    ``checkpoint`` (the file ``--resume`` continues from, or None), ``cwd``. Returns
+    ``returncode``, ``error`` (None when the run finished with its results.json),
+    ``worker``, ``pid`` (this worker process) and ``seconds``.
+    """
+    folder = Path(task["folder"])
+    folder.mkdir(parents=True, exist_ok=True)
+    name = worker_name()
+    env = run_env(os.environ, name)
+    cwd = task.get("cwd") if task.get("cwd") and os.path.isdir(task["cwd"]) else None
+    t0 = time.perf_counter()
+    with _locked(folder / LOCK_FILE):
+        argv = attempt_argv(task)
+        log = folder / LOG_FILE
+        with open(log, "ab") as f:
+            offset = f.tell()
+            f.write(f"$ {' '.join(argv)}\n".encode())
+            f.flush()
+            rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                 cwd=cwd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    error = None
+    if rc != 0:
+        error = _reason(log, offset, rc)
+    elif not (folder / RESULTS_FILE).is_file():
+        error = f"exit status 0 but no {RESULTS_FILE} in {folder}"
+    return {"returncode": rc, "error": error, "worker": name, "pid": os.getpid(),
+            "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------- clusters
+
+SLURM_KEYS = {"queue": str, "jobs": int, "walltime": str, "cores": int, "memory": str, "account": str,
+              "python": str}
+
+
+def parse_slurm(text: str) -> dict:
+    """``queue=gpu,jobs=4,walltime=02:00:00[,cores=1,memory=8GB,account=...,python=...]``;
+    ConfigError naming the setting that is unknown, repeated or malformed. ``jobs`` (the
+    number of SLURM jobs, one single-threaded worker each) is required."""
+    out = {}
+    for item in (s.strip() for s in str(text).split(",") if s.strip()):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not value.strip():
+            raise ConfigError(f"--slurm: {item!r} is not key=value (e.g. queue=gpu,jobs=4,walltime=02:00:00)")
+        if key not in SLURM_KEYS:
+            raise ConfigError(f"--slurm: unknown setting {key!r}; choose from {', '.join(SLURM_KEYS)}")
+        if key in out:
+            raise ConfigError(f"--slurm: {key} given twice")
+        try:
+            out[key] = SLURM_KEYS[key](value.strip())
+        except ValueError:
+            raise ConfigError(f"--slurm: {key}={value} is not {SLURM_KEYS[key].__name__}") from None
+    if out.get("jobs", 0) < 1:
+        raise ConfigError("--slurm needs jobs=N (N >= 1 SLURM jobs, one worker each)")
+    if "walltime" in out and not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){1,2}|\d+", out["walltime"]):
+        raise ConfigError(f"--slurm: walltime={out['walltime']} is not a SLURM time (e.g. 02:00:00 or 1-00:00:00)")
+    return out
+
+
+def slurm_cluster(settings: dict):
+    """A dask-jobqueue SLURMCluster whose jobs are one single-threaded worker each (``cores``
+    threads with ``cores=``; nothing is submitted until ``scale``). ConfigError when dask-jobqueue is not installed."""
+    try:
+        from dask_jobqueue import SLURMCluster  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError("--slurm needs dask-jobqueue: pip install 'hypergrad-hpo[slurm]'") from None
+    kw = {"queue": settings.get("queue"), "walltime": settings.get("walltime", "01:00:00"),
+          "cores": settings.get("cores", 1), "processes": 1, "memory": settings.get("memory", "4GB"),
+          "account": settings.get("account"), "python": settings.get("python", sys.executable)}
+    return SLURMCluster(**{k: v for k, v in kw.items() if v is not None})
+
+
+@contextlib.contextmanager
+def cluster(*, workers: int = 2, scheduler: str | None = None, slurm: dict | None = None):
+    """A connected ``distributed.Client`` for the sweep, closed (with an embedded cluster) at
+    the end. Dask's re-execution of a task whose worker died is off (every loss is a counted
+    attempt, see ``execute``)."""
+    import logging  # noqa: PLC0415
+
+    import dask  # noqa: PLC0415
+    from distributed import Client, LocalCluster  # noqa: PLC0415
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        if scheduler:
+            try:
+                client = Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError) as e:
+                raise ConfigError(f"--scheduler {scheduler}: cannot connect ({e})") from None
+            with client:
+                yield client
+            return
+        if slurm:
+            made = slurm_cluster(slurm)
+            made.scale(jobs=slurm["jobs"])
+        else:
+            made = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                dashboard_address=None, silence_logs=logging.CRITICAL)
+        with made, Client(made) as client:
+            yield client
+
+
+def slots(client, floor: int = 1) -> int:
+    """How many runs to have in the cluster at once: its worker threads (at least ``floor``)."""
+    try:
+        return max(floor, sum(client.nthreads().values()))
+    except Exception:       # noqa: BLE001 (a scheduler that went away: the next wait says so)
+        return floor
+
+
+# ---------------------------------------------------------------------------------- the driver
+
+def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, save, progress=True,
+            floor: int = 1) -> dict:
+    """Run every run of ``manifest`` that is not done; return the manifest.
+
+    ``tasks``: run id -> ``run_task``'s argument. ``save(manifest)`` writes the manifest
+    (called after every change of state). A failed attempt is retried while the run has had
+    at most ``retries`` retries; then the run is ``failed`` with the reason. Ctrl-C (a
+    KeyboardInterrupt here; with ``shared.interrupt.deferred`` around the call, SIGINT and
+    SIGTERM are seen within two seconds) returns the runs in flight to ``pending`` and re-raises.
+    """
+    from distributed import wait  # noqa: PLC0415
+
+    from shared import interrupt  # noqa: PLC0415
+    from tqdm import tqdm  # noqa: PLC0415
+
+    runs = manifest["runs"]
+    todo = [rid for rid, e in runs.items() if e["state"] != "done"]
+    queue, flight = list(todo), {}
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {manifest['spec']}", unit="run",
+               disable=not progress, file=sys.stderr)
+
+    def submit():
+        while queue and len(flight) < slots(client, floor):
+            rid = queue.pop(0)
+            e = runs[rid]
+            e.update(state="running", attempts=e["attempts"] + 1)
+            fut = client.submit(run_task, tasks[rid], key=f"run-{rid}-{e['attempts']}", pure=False, retries=0)
+            flight[fut] = rid
+        save(manifest)
+
+    try:
+        submit()
+        while flight:
+            interrupt.check()
+            try:
+                done, _ = wait(list(flight), timeout=2, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                continue
+            for fut in done:
+                rid = flight.pop(fut)
+                e = runs[rid]
+                try:
+                    out = fut.result()
+                except Exception as exc:        # noqa: BLE001 (KilledWorker, a lost connection, ...)
+                    out = {"error": f"worker lost while running it ({type(exc).__name__}: {exc})"[:500]}
+                e.update(worker=out.get("worker", e["worker"]), seconds=out.get("seconds"), error=out["error"])
+                if out["error"] is None:
+                    e["state"] = "done"
+                    bar.update(1)
+                elif e["attempts"] <= retries:
+                    e["state"] = "pending"
+                    queue.insert(0, rid)
+                else:
+                    e["state"] = "failed"
+                    bar.update(1)
+                    tqdm.write(f"failed: {e['folder']}: {e['error']}", file=sys.stderr)
+                bar.set_postfix(failed=sum(x["state"] == "failed" for x in runs.values()))
+            submit()
+    except KeyboardInterrupt:
+        for fut, rid in flight.items():
+            fut.cancel()
+            runs[rid].update(state="pending", error="interrupted: the sweep's driver stopped")
+        save(manifest)
+        raise
+    finally:
+        bar.close()
+    return manifest
