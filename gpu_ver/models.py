@@ -515,6 +515,11 @@ class Functions:
     def nll_grad(self, w, X, y) -> np.ndarray:
         return self.grad(w, 0.0, X, y)
 
+    def nll_and_grad(self, w, X, y) -> tuple:
+        """(mean CE, grad_w CE) from the same compiled function as ``grad``."""
+        g, nll = self._get("grad")(self._c(w), self._l2(0.0), self._c(X), np.asarray(y, np.int64))
+        return float(nll), np.asarray(g, np.float64)
+
     def hvp(self, w, l2, X, y, v):
         """(H v, 2 w v): Hessian-vector product and the mixed term wrt l2 (float64)."""
         hv, m = self._get("hvp")(self._c(w), self._l2(l2), self._c(X), np.asarray(y, np.int64), self._c(v))
