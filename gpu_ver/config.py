@@ -15,7 +15,7 @@ Settings, by precedence (option > environment > default):
   for a GPU that is not there raises ``ConfigError`` *before* Theano is imported. On a
   GPU device ``load`` installs ``gpu_ver/theano_fixes.py`` (Theano-PyMC's gpuarray
   layer does not run without it) and sets ``dnn__enabled=False`` (Theano-PyMC 1.1.2
-  calls cuDNN functions removed in cuDNN 8; docs/THEANO.md s.5).
+  calls cuDNN functions removed in cuDNN 8; docs/THEANO.md s.6).
 - floatX:  ``float64`` | ``float32``.  Option ``floatX=``, env ``HPO_FLOATX``,
   default ``float64`` (the precision the cross-checks need; ``train`` and the
   benchmark ask for float32 explicitly).
