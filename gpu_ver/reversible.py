@@ -94,21 +94,23 @@ class SymbolicStep:
     l2: object
 
 
-def adjoint_step(model, step: SymbolicStep, X, y, w_t, v_next, adj: Adjoint):
+def adjoint_step(model, step: SymbolicStep, X, y, w_t, v_next, adj: Adjoint, hvp: str = "ror"):
     """One reverse step of the hypergradient recursion as a Theano graph (the recursion of
     ``cpu_ver.reversible.adjoint_step``, eqs. 4 and 7-12 of docs/ALGORITHMS.md).
 
     Returns ``(g_t, nll_t, contributions, dw_new, dv_new)``: ``contributions`` maps the
     groups ``lr``, ``momentum``, ``l2`` to their per-parameter terms at this step, which the
     caller sums into the accumulators. The gradient and both second-order terms come
-    from ONE vector-Jacobian product of grad_w L with respect to (w, lambda).
+    from ONE vector-Jacobian product of grad_w L with respect to (w, lambda) (``hvp``: the
+    Hessian-vector product reverse over reverse or forward over reverse,
+    ``gpu_ver.models.symbolic_grad_and_hvp``).
     """
     one_minus = 1 - step.gamma
     d_lr = adj.dw * v_next                                          # (4)
     dv = adj.dv + step.alpha * adj.dw                               # (7)
     # H and diag(1 - gamma) do not commute when the momentum differs between parameters:
     # the VJP is taken against (1 - gamma) * dv, not scaled afterwards.
-    g, nll, hv, mv = M.symbolic_grad_and_hvp(model, w_t, X, y, step.l2, one_minus * dv)   # (9)-(11)
+    g, nll, hv, mv = M.symbolic_grad_and_hvp(model, w_t, X, y, step.l2, one_minus * dv, hvp)   # (9)-(11)
     d_mom = dv * ((v_next + g) / step.gamma)                        # (8): v_t + g_t by eq. 6
     return g, nll, {"lr": d_lr, "momentum": d_mom, "l2": -mv}, adj.dw - hv, step.gamma * dv   # (10), (12)
 
@@ -118,15 +120,16 @@ class Reversible:
 
     ``hypergradient(hypers)`` runs the exact forward and reverse passes for any
     container with the same group shapes (as ``gpu_ver.drmad.DrMAD``). ``buffer``:
-    ``shared.exact_rep``'s buffer ('vector', 'numpy' or 'int').
+    ``shared.exact_rep``'s buffer ('vector', 'numpy' or 'int'); ``hvp``: 'ror' or 'rop'
+    (``gpu_ver.models.symbolic_grad_and_hvp``).
     """
 
-    def __init__(self, problem: Problem, hypers: HyperParams, *, buffer: str = "vector"):
+    def __init__(self, problem: Problem, hypers: HyperParams, *, buffer: str = "vector", hvp: str = "ror"):
         check_fits(hypers, problem.layout, problem.n_iters)
         D.check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
         if buffer not in ("vector", "numpy", "int"):
             raise ConfigError(f"buffer must be one of vector, numpy, int, got {buffer!r}")
-        self.problem, self.buffer = problem, buffer
+        self.problem, self.buffer, self.hvp = problem, buffer, hvp
         self.shapes = {n: hypers.group(n).shape for n in D.GROUPS}
         self.chunks = D.val_chunks(len(problem.y_val), problem.val_chunk)
         self.fns = M.Functions(problem.model)
@@ -160,7 +163,7 @@ class Reversible:
         w_t, v_next = T.vector("w_t", dtype=fx), T.vector("v_next", dtype=fx)
         step = SymbolicStep(row(self.lr_tab, rows_lr, t)[block_of], row(self.mom_tab, rows_m, t)[block_of], self.l2)
         a = self.adj
-        g, nll, c, dw_new, dv_new = adjoint_step(model, step, X, y, w_t, v_next, a)
+        g, nll, c, dw_new, dv_new = adjoint_step(model, step, X, y, w_t, v_next, a, self.hvp)
         updates = [(a.dw, dw_new), (a.dv, dv_new), (a.dl2, a.dl2 + c["l2"]),
                    (a.dlr, T.inc_subtensor(a.dlr[0 if rows_lr == 1 else t], blocksum(c["lr"]))),
                    (a.dmom, T.inc_subtensor(a.dmom[0 if rows_m == 1 else t], blocksum(c["momentum"])))]
