@@ -7,30 +7,19 @@ meta-objective is the mean cross-entropy (no penalty) of the final weights on
 the validation split (or, for schedule learning as in Maclaurin et al. 2015,
 on the training split).
 
-``schedule(hypers, t)`` turns a hyperparameter container into the per-parameter
-arrays that step t applies: learning rate alpha_t, momentum gamma_t (quantised
-to n/2^16 by default, the value exact arithmetic applies) and L2 strength.
+``schedule(hypers, t)`` (``shared.schedule``, re-exported here) turns a
+hyperparameter container into the per-parameter arrays that step t applies.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
-
 import numpy as np
 
 from cpu_ver.models import MLP
 from shared.datasets import Dataset, batch_indices
 from shared.errors import ConfigError
-from shared.exact_rep import momentum_numerator, D
 from shared.hyperparams import check_fits
-
-
-class Step(NamedTuple):
-    """Per-parameter hyperparameters applied at one step."""
-    alpha: np.ndarray
-    gamma: np.ndarray      # the momentum applied (quantised n/d unless quantise=False)
-    n: object              # momentum numerator: int when uniform, else int array (None if not quantised)
-    l2: np.ndarray
+from shared.schedule import Step, schedule  # noqa: F401 (re-exported: cpu_ver's modules import them here)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,17 +77,3 @@ class Problem:
         to fit this model and number of steps."""
         check_fits(hypers, self.model.layout, self.n_iters)
         return self.model.layout.expand(hypers.value("init_scale")) * self.init_noise()
-
-
-def schedule(hypers, t: int, quantise: bool = True) -> Step:
-    """Per-parameter (alpha_t, gamma_t, n_t, l2_t) for step t."""
-    def at(name):
-        return hypers.per_param(name, t if hypers.group(name).shape.startswith("iter") else None)
-
-    alpha, gamma, l2 = at("lr"), at("momentum"), at("l2")
-    if not quantise:
-        return Step(alpha, gamma, None, l2)
-    n = momentum_numerator(gamma)
-    if np.all(n == n[0]):
-        n = int(n[0])
-    return Step(alpha, n / D if np.ndim(n) else np.full_like(gamma, n / D), n, l2)

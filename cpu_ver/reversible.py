@@ -41,8 +41,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cpu_ver.problem import Problem, schedule
-from shared.errors import ReversalError, check_finite
+from shared.errors import check_finite
 from shared.exact_rep import ExactRep
+from shared.reversal import (HypergradResult, Trajectory, check_recovered, check_step, fingerprint,  # noqa: F401
+                             fingerprint_keys, information_floor_bits as _floor, reversal_info)
 
 
 @dataclass
@@ -83,36 +85,16 @@ def finish(problem: Problem, hypers, adj: Adjoint):
     return adj.grads
 
 
-def _fingerprint(W: ExactRep, V: ExactRep, keys: np.ndarray):
-    """Two wrapping int64 sums of the state weighted by fixed random odd keys: a change in
-    any entry changes them (equal and opposite changes do not cancel)."""
-    return (int(np.dot(W.c, keys)), int(np.dot(V.c, keys)))
-
-
-def _keys(size: int) -> np.ndarray:
-    return np.random.default_rng(12345).integers(1, 2 ** 62, size, dtype=np.int64) | 1
-
-
-@dataclass
-class Trajectory:
-    """The end of an exact forward pass: w_T, v_T (with the buffer) and per-step fingerprints."""
-    W: ExactRep
-    V: ExactRep
-    w0_fixed: np.ndarray
-    fingerprints: list
-    keys: np.ndarray
-
-
 def forward(problem: Problem, hypers, *, buffer: str = "vector", progress: bool = False) -> Trajectory:
     """Exact forward pass (Algorithm 1)."""
     model = problem.model
     W = ExactRep(problem.w0(hypers), "weights", buffer)
     V = ExactRep(np.zeros(model.layout.size), "velocity", buffer)
     w0_fixed = W.c.copy()
-    keys = _keys(W.c.size)
+    keys = fingerprint_keys(W.c.size)
     prints = []
     for t in tqdm(range(problem.n_iters), desc="exact forward", disable=not progress, leave=False):
-        prints.append(_fingerprint(W, V, keys))
+        prints.append(fingerprint(W, V, keys))
         s = schedule(hypers, t)
         X, y = problem.batch(t)
         g = model.grad(W.val, s.l2, X, y)
@@ -120,15 +102,6 @@ def forward(problem: Problem, hypers, *, buffer: str = "vector", progress: bool 
         V.mul(s.n, t).sub((1.0 - s.gamma) * g, t)
         W.add(s.alpha * V.val, t)
     return Trajectory(W, V, w0_fixed, prints, keys)
-
-
-@dataclass
-class HypergradResult:
-    objective: float
-    grads: dict                # group name -> gradient wrt the constrained values (group's shape)
-    grad_w0: np.ndarray
-    w_final: np.ndarray
-    info: dict
 
 
 def reverse(problem: Problem, hypers, traj: Trajectory, *, progress: bool = False) -> HypergradResult:
@@ -150,17 +123,10 @@ def reverse(problem: Problem, hypers, traj: Trajectory, *, progress: bool = Fals
             return V.val
 
         adjoint_step(model, hypers, t, s, X, y, W.val, v_next, recover_v, adj)
-        if _fingerprint(W, V, traj.keys) != traj.fingerprints[t]:
-            raise ReversalError(f"exact reversal diverged from the forward pass at step {t} "
-                                "(gradients not bit-reproducible?)")
-    err = float(np.max(np.abs(W.c - traj.w0_fixed))) if W.c.size else 0.0
-    if err != 0.0 or np.any(V.c != 0) or not V.buffer.is_empty():
-        raise ReversalError(f"exact reversal did not recover w0 bit for bit (max |error| {err} units "
-                            f"of 2^-52, velocity zero: {not np.any(V.c)}, buffer empty: {V.buffer.is_empty()})")
+        check_step(W, V, traj, t)
+    err = check_recovered(traj)
     grads = finish(problem, hypers, adj)
-    size, T = w_T.size, problem.n_iters
-    info = {"reversal_max_abs_error": err, "buffer_bits": bits,
-            "buffer_bits_per_weight_step": bits / (size * T)}
+    info = reversal_info(err, bits, w_T.size, problem.n_iters)
     return HypergradResult(problem.objective(w_T), grads, adj.dw, w_T, info)
 
 
@@ -172,9 +138,4 @@ def hypergradient(problem: Problem, hypers, *, buffer: str = "vector", progress:
 
 def information_floor_bits(problem: Problem, hypers) -> float:
     """sum_t sum_i log2(d / n_{t,i}): the bits that multiplication by the momenta destroys."""
-    total = 0.0
-    size = problem.model.layout.size
-    for t in range(problem.n_iters):
-        n = schedule(hypers, t).n
-        total += float(np.sum(np.log2(65536.0 / np.broadcast_to(n, (size,)))))
-    return total
+    return _floor(hypers, problem.model.layout.size, problem.n_iters)

@@ -154,6 +154,9 @@ COMMANDS: dict = {
     "drmad": Command("DrMAD hypergradients and meta-optimisation of L2 strengths (MLP or DenseNet)",
                      _lazy("gpu_ver.meta", "add_drmad_arguments"), _lazy("gpu_ver.meta", "run_drmad"),
                      checkpoint="checkpoint.npz"),
+    "hypergrad": Command("one hypergradient of the validation loss: exact (reversible), DrMAD, or both with "
+                         "their agreement", _lazy("gpu_ver.hypergrad_cli", "add_hypergrad_arguments"),
+                         _lazy("gpu_ver.hypergrad_cli", "run_hypergrad")),
     "check": Command("finite-difference checks of this backend's hypergradients",
                      _lazy("gpu_ver.check", "add_check_arguments"), _lazy("gpu_ver.check", "run_check")),
     "adaptive": Command("online adaptation of learning rates and L2 strengths during training",

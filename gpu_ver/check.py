@@ -14,6 +14,8 @@ Parts (``--parts``, default all):
               8x8 images), same hyperparameter groups as ``mlp``; the
               validation loss uses the batch statistics of each validation
               chunk (``gpu_ver.drmad`` docstring).
+``exact``     the exact hypergradient (``gpu_ver.reversible``: exact
+              reversal, bit-exact) on that DenseNet and problem.
 
 A hypergradient ``g`` of ``F(h)`` is checked along a direction ``u`` (scaled by
 the values, so the step is relative) with the fourth-order stencil
@@ -36,7 +38,7 @@ import numpy as np
 from shared.errors import ConfigError
 from shared.fdcheck import check_groups
 
-PARTS = ("mlp", "hvp", "densenet", "adaptive")
+PARTS = ("mlp", "hvp", "densenet", "exact", "adaptive")
 
 
 def fd_rows(engine, hypers, grads: dict, *, seed: int = 0, eps: float = 1e-3, groups=None) -> list:
@@ -92,6 +94,14 @@ def check_drmad(problem, hypers, *, seed=0, eps=1e-3) -> list:
     return fd_rows(engine, hypers, res.grads, seed=seed, eps=eps)
 
 
+def check_exact(problem, hypers, *, seed=0, eps=1e-3) -> list:
+    """Exact reversal (``gpu_ver.reversible``) vs finite differences, one row per group."""
+    from gpu_ver import reversible as R  # noqa: PLC0415
+
+    engine = R.engine(problem, hypers)
+    return fd_rows(engine, hypers, engine.hypergradient(hypers).grads, seed=seed, eps=eps)
+
+
 def check_hvp(net, *, seed=0, h=1e-4, batch=6) -> list:
     """[('hvp', |Hv|, |FD|, max|Hv - FD| / max|FD|)] at perturbed initial weights (BN scales off 1)."""
     from gpu_ver import models as M  # noqa: PLC0415
@@ -125,7 +135,7 @@ def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3) -> tupl
         problem, hypers = mlp_problem(seed, T_mlp)
         rows += [("drmad_K=T:mlp", *r) for r in check_drmad(problem, hypers, seed=seed, eps=eps)]
         timings["mlp_s"] = time.perf_counter() - t0
-    if "hvp" in parts or "densenet" in parts:
+    if "hvp" in parts or "densenet" in parts or "exact" in parts:
         problem, hypers = densenet_problem(seed, T_densenet)
         if "hvp" in parts:
             t0 = time.perf_counter()
@@ -135,6 +145,10 @@ def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3) -> tupl
             t0 = time.perf_counter()
             rows += [("drmad_K=T:densenet", *r) for r in check_drmad(problem, hypers, seed=seed, eps=eps)]
             timings["densenet_s"] = time.perf_counter() - t0
+        if "exact" in parts:
+            t0 = time.perf_counter()
+            rows += [("exact:densenet", *r) for r in check_exact(problem, hypers, seed=seed, eps=eps)]
+            timings["exact_s"] = time.perf_counter() - t0
     if "adaptive" in parts:
         from gpu_ver import adaptive  # noqa: PLC0415
         t0 = time.perf_counter()

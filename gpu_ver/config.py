@@ -15,7 +15,7 @@ Settings, by precedence (option > environment > default):
   for a GPU that is not there raises ``ConfigError`` *before* Theano is imported. On a
   GPU device ``load`` installs ``gpu_ver/theano_fixes.py`` (Theano-PyMC's gpuarray
   layer does not run without it) and sets ``dnn__enabled=False`` (Theano-PyMC 1.1.2
-  calls cuDNN functions removed in cuDNN 8; docs/THEANO.md s.5).
+  calls cuDNN functions removed in cuDNN 8; docs/THEANO.md s.6).
 - floatX:  ``float64`` | ``float32``.  Option ``floatX=``, env ``HPO_FLOATX``,
   default ``float64`` (the precision the cross-checks need; ``train`` and the
   benchmark ask for float32 explicitly).
@@ -36,7 +36,14 @@ Settings, by precedence (option > environment > default):
   2,106 nodes; without it that compile takes 62 s.
 - gcc__cxxflags: ``-g0`` first (Theano always passes ``-g``; the debug information
   is 40 % of gcc's time per module, 1.82 s -> 1.06 s on a 35 kB module, and nobody
-  steps through generated Theano code). A user's own gcc__cxxflags follow ours.
+  steps through generated Theano code), then ``-ffp-contract=off``: without it gcc
+  contracts ``a * b + c`` into one fused multiply-add inside Theano's fused
+  elementwise loops (Theano compiles for the host CPU, FMA included), so the same
+  expression rounds differently depending on what the optimiser fused it with, and
+  the gradient of a training step differed in the last bit from the same gradient
+  inside the reverse step's graph (exact reversal, ``gpu_ver/reversible.py``, needs
+  them equal). Every operation now rounds once, in any graph. A user's own
+  gcc__cxxflags follow ours.
 
 ``load`` also registers our graph rewrites (``gpu_ver/rewrites.py``) and, on the
 cpu device, a precompiled header of the includes every C module starts with
@@ -83,7 +90,7 @@ class Settings:
              "openmp": str(self.openmp),
              "cycle_detection": "fast",
              "optimizer_excluding": "merge3",
-             "gcc__cxxflags": "-g0"}
+             "gcc__cxxflags": "-g0 -ffp-contract=off"}
         if device_kind(self.device) != "cpu":
             f["dnn__enabled"] = "False"
         return f

@@ -17,8 +17,11 @@ in ``floatX``). Metrics:
                            max|g_gpu - g_cpu| / max|g_cpu|, then the max over groups.
 ``max_rel_diff_drmad_full_vs_exact``   gpu DrMAD with K = T against cpu_ver's
                            exact reversible hypergradient (same measure).
+``max_rel_diff_exact``     gpu_ver's exact reversal (``gpu_ver.reversible``)
+                           against cpu_ver's (same measure); ``exact_reversal_bit_exact``
+                           says gpu_ver recovered w0, v0 and the empty buffer.
 
-Targets: float64 1e-12 (weights), 1e-10 (hypergradients), 1e-8 (full vs
+Targets: float64 1e-12 (weights, exact), 1e-10 (hypergradients), 1e-8 (full vs
 exact); float32 (a GPU run against the float64 reference) 1e-4 for all. Exit
 status 1 if one is missed. Figures are reported with the dtype.
 """
@@ -28,8 +31,8 @@ import time
 
 import numpy as np
 
-TARGETS = {"float64": {"weights": 1e-12, "hypergradient": 1e-10, "full_vs_exact": 1e-8},
-           "float32": {"weights": 1e-4, "hypergradient": 1e-4, "full_vs_exact": 1e-4}}
+TARGETS = {"float64": {"weights": 1e-12, "hypergradient": 1e-10, "full_vs_exact": 1e-8, "exact": 1e-12},
+           "float32": {"weights": 1e-4, "hypergradient": 1e-4, "full_vs_exact": 1e-4, "exact": 1e-4}}
 
 
 def rel_diff(a, b) -> float:
@@ -77,6 +80,7 @@ def crosscheck(seed=0, T=30, layers=(64, 20, 10), activation="tanh", batch=50, a
     from cpu_ver import drmad as CD  # noqa: PLC0415
     from cpu_ver import reversible, sgd  # noqa: PLC0415
     from gpu_ver import drmad as D  # noqa: PLC0415
+    from gpu_ver import reversible as GR  # noqa: PLC0415
 
     timings = {}
     t0 = time.perf_counter()
@@ -96,16 +100,21 @@ def crosscheck(seed=0, T=30, layers=(64, 20, 10), activation="tanh", batch=50, a
     gT = eT.hypergradient(hypers)
     cx = reversible.hypergradient(cp, hypers)
     t4 = time.perf_counter()
-    timings.update({"trajectory_s": t2 - t1, "drmad_s": t3 - t2, "full_vs_exact_s": t4 - t3})
+    gx = GR.hypergradient(gp, hypers)
+    t5 = time.perf_counter()
+    timings.update({"trajectory_s": t2 - t1, "drmad_s": t3 - t2, "full_vs_exact_s": t4 - t3, "exact_s": t5 - t4})
     d_drmad = group_diffs(g1.grads, c1.grads)
     d_full = group_diffs(gT.grads, cx.grads)
+    d_exact = group_diffs(gx.grads, cx.grads)
     metrics = {
         "dtype": D.floatX(),
         "max_rel_diff_weights": max(per_step.values()),
         "rel_diff_weights_by_step": per_step,
         "max_rel_diff_hypergradient": {"drmad": max(d_drmad.values())},
-        "rel_diff_hypergradient_by_group": {"drmad": d_drmad, "drmad_full_vs_exact": d_full},
+        "rel_diff_hypergradient_by_group": {"drmad": d_drmad, "drmad_full_vs_exact": d_full, "exact": d_exact},
         "max_rel_diff_drmad_full_vs_exact": max(d_full.values()),
+        "max_rel_diff_exact": max(d_exact.values()),
+        "exact_reversal_bit_exact": gx.info["reversal_max_abs_error"] == 0.0,
         "rel_diff_val_loss": abs(g1.objective - c1.objective) / abs(c1.objective),
         "problem": {"T": T, "layers": list(layers), "activation": activation, "batch": batch,
                     "n_params": gp.layout.size, "n_hypers": hypers.size},
@@ -138,6 +147,7 @@ def verdict(metrics) -> list:
              for m, v in metrics["max_rel_diff_hypergradient"].items()]
     rows.append(("max_rel_diff_drmad_full_vs_exact", metrics["max_rel_diff_drmad_full_vs_exact"],
                  tg["full_vs_exact"]))
+    rows.append(("max_rel_diff_exact", metrics["max_rel_diff_exact"], tg["exact"]))
     return [(n, v, t, bool(v <= t)) for n, v, t in rows]
 
 

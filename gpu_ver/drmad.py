@@ -260,14 +260,14 @@ class DrMAD:
     """
 
     def __init__(self, problem: Problem, hypers: HyperParams, *, K: int = 1, grid: str = "t/T",
-                 velocity: str = "reconstruct"):
+                 velocity: str = "reconstruct", hvp: str = "ror"):
         if grid not in GRIDS:
             raise ConfigError(f"DrMAD grid must be one of {GRIDS}, got {grid!r}")
         if velocity not in VELOCITIES:
             raise ConfigError(f"DrMAD velocity must be one of {VELOCITIES}, got {velocity!r}")
         check_fits(hypers, problem.layout, problem.n_iters)
         check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
-        self.problem, self.grid, self.velocity = problem, grid, velocity
+        self.problem, self.grid, self.velocity, self.hvp = problem, grid, velocity, hvp
         self.shapes = {n: hypers.group(n).shape for n in GROUPS}
         self.steps = checkpoint_steps(problem.n_iters, K)
         self.K = len(self.steps) - 1
@@ -353,7 +353,7 @@ class DrMAD:
             updates.append((self.dlr, T.inc_subtensor(self.dlr[0 if rows_lr == 1 else t], blocksum(dw * v_next))))
         dv1 = dv + alpha * dw
         u = (1 - gamma) * dv1
-        g_t, nll_t, hv, mix = M.symbolic_grad_and_hvp(model, self.w_cur, X, y, self.l2, u)
+        g_t, nll_t, hv, mix = M.symbolic_grad_and_hvp(model, self.w_cur, X, y, self.l2, u, self.hvp)
         w_prev = interp(ka, beta)
         if reconstruct:
             alpha_prev = expand(row(self.lr_tab, rows_lr, T.maximum(t - 1, 0)))

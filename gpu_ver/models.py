@@ -21,15 +21,16 @@ shapes in flat order), ``init(seed) -> float64 flat w0``, ``input_var()``,
 symbolic ``forward(blocks, X, bn_stats=None) -> (logits, batch_stats)``.
 
 Symbolic helpers on a flat symbolic vector ``w`` (a ``theano.shared`` or a
-tensor), all built with reverse mode only (``T.Rop`` fails for conv):
+tensor); the Hessian-vector product reverse over reverse or, with ``hvp="rop"``,
+forward over reverse (``rop``: the R-operator, working around ``T.Rop``'s failures):
 
 - ``symbolic_loss(model, w, X, y, l2)``            -> (loss, nll, batch_stats)
 - ``symbolic_grad(model, w, X, y, l2)``            -> (grad_w L, nll, batch_stats)
-- ``symbolic_hvp(model, w, X, y, l2, v)``          -> (H v, 2 w v)
-- ``symbolic_grad_and_hvp(model, w, X, y, l2, v)`` -> (grad_w L, CE, H v, 2 w v)
+- ``symbolic_hvp(model, w, X, y, l2, v, hvp)``          -> (H v, 2 w v)
+- ``symbolic_grad_and_hvp(model, w, X, y, l2, v, hvp)`` -> (grad_w L, CE, H v, 2 w v)
 
-  ``H v = d/dw (grad_w CE . v) + 2 l2 v`` by reverse-over-reverse ``T.grad``;
-  the mixed term ``d(grad_w L)/d l2 ^T v = 2 w v`` is closed form.
+  ``H v = d/dw (grad_w CE . v) + 2 l2 v``; the mixed term
+  ``d(grad_w L)/d l2 ^T v = 2 w v`` is closed form.
 
 Batch norm in all of these uses the statistics of the batch ``X`` (as the
 training step did), so a validation loss built with them uses the validation
@@ -69,6 +70,7 @@ from theano.tensor.signal.pool import pool_2d  # noqa: E402
 
 from gpu_ver import fncache  # noqa: E402
 from gpu_ver.conv import conv_gemm  # noqa: E402
+from gpu_ver.rop import rop  # noqa: E402
 
 BN_EPS = 1e-5          # as torch.nn.BatchNorm2d
 BN_MOMENTUM = 0.1      # running <- (1 - m) running + m batch (torch convention)
@@ -429,24 +431,33 @@ def block_dot(a, b):
     return T.add(*[(ai * bi).sum() for ai, bi in zip(a, b)])
 
 
-def symbolic_grad_and_hvp(model, w, X, y, l2, v):
+HVP_METHODS = ("ror", "rop")
+
+
+def symbolic_grad_and_hvp(model, w, X, y, l2, v, hvp="ror"):
     """(grad_w L, CE, H v, 2 w v) sharing one forward and one backward pass.
 
-    H v = grad_w (grad_w CE . v) + 2 l2 v (reverse over reverse; the first
-    gradient is built with its own graph so it can be differentiated again);
-    2 w v is the mixed term (d grad_w L / d l2)^T v (diagonal).
+    ``hvp="ror"`` (reverse over reverse): H v = grad_w (grad_w CE . v) + 2 l2 v,
+    the first gradient built with its own graph so it can be differentiated again.
+    ``hvp="rop"`` (forward over reverse): H v = R_v(grad_w CE) + 2 l2 v, the
+    R-operator (``rop``) through the gradient's graph (Pearlmutter 1994). The two are
+    the same matrix-vector product and agree to rounding (tested). 2 w v is the mixed
+    term (d grad_w L / d l2)^T v (diagonal).
     """
+    if hvp not in HVP_METHODS:
+        raise ConfigError(f"Hessian-vector product must be one of {', '.join(HVP_METHODS)}, got {hvp!r}")
     nll, blocks, _ = _nll_and_blocks(model, w, X, y)
     g = grad(nll, blocks)
-    vb = split(v, model.layout)
-    hv = flat(grad(block_dot(g, vb), blocks)) + 2 * l2 * v
-    return flat(g) + 2 * l2 * w, nll, hv, 2 * w * v
+    if hvp == "rop":
+        hv_ce = rop(flat(g), w, v)
+    else:
+        hv_ce = flat(grad(block_dot(g, split(v, model.layout)), blocks))
+    return flat(g) + 2 * l2 * w, nll, hv_ce + 2 * l2 * v, 2 * w * v
 
 
-def symbolic_hvp(model, w, X, y, l2, v):
-    """(H v, 2 w v) with H = d^2 L / dw^2, by reverse-over-reverse differentiation
-    (``T.Rop`` raises for conv gradients; docs/THEANO.md s.3)."""
-    _, _, hv, mix = symbolic_grad_and_hvp(model, w, X, y, l2, v)
+def symbolic_hvp(model, w, X, y, l2, v, hvp="ror"):
+    """(H v, 2 w v) with H = d^2 L / dw^2 (``symbolic_grad_and_hvp``'s two methods)."""
+    _, _, hv, mix = symbolic_grad_and_hvp(model, w, X, y, l2, v, hvp)
     return hv, mix
 
 
@@ -514,6 +525,11 @@ class Functions:
 
     def nll_grad(self, w, X, y) -> np.ndarray:
         return self.grad(w, 0.0, X, y)
+
+    def nll_and_grad(self, w, X, y) -> tuple:
+        """(mean CE, grad_w CE) from the same compiled function as ``grad``."""
+        g, nll = self._get("grad")(self._c(w), self._l2(0.0), self._c(X), np.asarray(y, np.int64))
+        return float(nll), np.asarray(g, np.float64)
 
     def hvp(self, w, l2, X, y, v):
         """(H v, 2 w v): Hessian-vector product and the mixed term wrt l2 (float64)."""

@@ -33,6 +33,8 @@ def test_crosscheck_command_float64_targets(main, tmp_path):
     assert m["max_rel_diff_weights"] < 1e-12
     assert m["max_rel_diff_hypergradient"]["drmad"] < 1e-10
     assert m["max_rel_diff_drmad_full_vs_exact"] < 1e-8
+    assert m["max_rel_diff_exact"] <= 1e-12 and m["exact_reversal_bit_exact"] is True
+    assert set(m["rel_diff_hypergradient_by_group"]["exact"]) == {"l2", "lr", "momentum", "init_scale"}
     assert set(m["rel_diff_hypergradient_by_group"]["drmad"]) == {"l2", "lr", "momentum", "init_scale"}
     assert {"command", "versions", "config", "metrics", "timings"} <= set(res)
 

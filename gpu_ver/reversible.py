@@ -1,0 +1,321 @@
+"""Exact reverse-mode hypergradients through SGD with momentum on the Theano backend.
+
+Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization
+through Reversible Learning", ICML 2015, Algorithms 1 and 2 (docs/ALGORITHMS.md s.1,
+eqs. 1-3 forward and 4-13 reverse), for the MLP and DenseNet of ``gpu_ver.models``;
+the same names, signatures and result type as ``cpu_ver.reversible``.
+
+Forward, in exact fixed-point arithmetic (``shared.exact_rep``)::
+
+    g_t     = grad_w L(w_t, lambda; batch_t)
+    v_{t+1} = gamma_t v_t - (1 - gamma_t) g_t        (multiplication by gamma pushes
+    w_{t+1} = w_t + alpha_t v_{t+1}                   the lost bits into the buffer)
+
+Reverse, t = T-1 ... 0, starting from dw = grad f(w_T), dv = 0::
+
+    dalpha_t  = dw * v_{t+1}
+    w_t       = w_{t+1} - alpha_t v_{t+1}                         (exact)
+    dv       += alpha_t dw
+    g_t, H_t u, M_t^T u    = one VJP of grad_w L at w_t, u = (1 - gamma_t) dv  (M = d grad / d lambda)
+    v_t       = (v_{t+1} + (1 - gamma_t) g_t) / gamma_t           (exact, pops the buffer)
+    dgamma_t  = dv * (v_t + g_t)
+    dw       -= H_t ((1 - gamma_t) dv)      (per-parameter gamma: H and diag(gamma)
+    dlambda  -= M_t^T ((1 - gamma_t) dv)     do not commute, so the VJP takes (1-gamma) dv)
+    dv       *= gamma_t
+
+Where the work happens. The exact state ``W``, ``V`` (int64 fixed point and the
+information buffer) stays on the host, in ``shared.exact_rep``'s compiled
+kernels. Each forward step sends the float weights ``w_t`` to the device and
+gets ``g_t`` back from the compiled gradient (``gpu_ver.models.Functions.grad``,
+the function that also gives the validation gradient). Each reverse step is ONE
+compiled function, ``adjoint_step`` below as a Theano graph: its inputs are the
+minibatch, ``t``, ``w_t`` and ``v_{t+1}`` (both recovered exactly on the host),
+its outputs ``g_t`` (for the exact division of eq. 6 on the host) and two
+scalars; the adjoints ``dw, dv`` and the hypergradient accumulators (``dl2`` per
+parameter, ``dlr``, ``dmomentum`` per (row, block) of the schedule tables) live
+in shared variables, as in ``gpu_ver.drmad``. In that graph the momentum term
+uses ``v_t + g_t = (v_{t+1} + g_t) / gamma_t`` (eq. 6 rearranged) in floating
+point: it differs from the exact ``v_t`` of the host by rounding only.
+
+Bit-exact reversal needs the ``g_t`` of the reverse step's graph to be the same
+float, bit for bit, as the forward gradient's, although the two are different
+compiled functions; on the C backend they are (the gradient subgraph is the same
+ops on the same inputs, BLAS calls of the same shapes; tests check it, and the
+per-step fingerprints would name the step where it failed). ``info`` reports the
+buffer in bits against the information floor.
+
+Hyperparameters: everything ``gpu_ver.drmad`` supports (L2 per parameter, unit,
+block or scalar; learning rates and momenta scalar, per block, per iteration or
+per iteration x block; per-block initial scales, batch-norm blocks included);
+the gradients are with respect to the constrained values, the momentum's with
+respect to the quantised momentum n/2^16 that training applies. The validation
+objective is ``gpu_ver.drmad``'s (chunks, batch statistics per chunk).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpu_ver import config
+from shared.errors import ConfigError, NonFiniteError, check_finite
+from shared.exact_rep import ExactRep
+from shared.hyperparams import HyperParams, check_fits
+from shared.reversal import (HypergradResult, Trajectory, check_recovered, check_step, fingerprint,
+                             fingerprint_keys, information_floor_bits as _floor, reversal_info)
+from shared.schedule import schedule
+
+theano = config.load()
+T = theano.tensor
+from gpu_ver import drmad as D  # noqa: E402 (after config.load)
+from gpu_ver import fncache  # noqa: E402
+from gpu_ver import models as M  # noqa: E402
+
+Problem = D.Problem
+
+
+@dataclass
+class Adjoint:
+    """Reverse-mode state as shared variables: dw, dv and the hypergradient accumulators
+    (``dl2`` per parameter, ``dlr`` / ``dmomentum`` per row and block of the schedule tables)."""
+    dw: object
+    dv: object
+    dl2: object
+    dlr: object
+    dmom: object
+
+
+@dataclass
+class SymbolicStep:
+    """Per-parameter symbolic hyperparameters of step t (``shared.schedule.Step``'s fields)."""
+    alpha: object
+    gamma: object
+    l2: object
+
+
+def adjoint_step(model, step: SymbolicStep, X, y, w_t, v_next, adj: Adjoint, hvp: str = "ror"):
+    """One reverse step of the hypergradient recursion as a Theano graph (the recursion of
+    ``cpu_ver.reversible.adjoint_step``, eqs. 4 and 7-12 of docs/ALGORITHMS.md).
+
+    Returns ``(g_t, nll_t, contributions, dw_new, dv_new)``: ``contributions`` maps the
+    groups ``lr``, ``momentum``, ``l2`` to their per-parameter terms at this step, which the
+    caller sums into the accumulators. The gradient and both second-order terms come
+    from ONE vector-Jacobian product of grad_w L with respect to (w, lambda) (``hvp``: the
+    Hessian-vector product reverse over reverse or forward over reverse,
+    ``gpu_ver.models.symbolic_grad_and_hvp``).
+    """
+    one_minus = 1 - step.gamma
+    d_lr = adj.dw * v_next                                          # (4)
+    dv = adj.dv + step.alpha * adj.dw                               # (7)
+    # H and diag(1 - gamma) do not commute when the momentum differs between parameters:
+    # the VJP is taken against (1 - gamma) * dv, not scaled afterwards.
+    g, nll, hv, mv = M.symbolic_grad_and_hvp(model, w_t, X, y, step.l2, one_minus * dv, hvp)   # (9)-(11)
+    d_mom = dv * ((v_next + g) / step.gamma)                        # (8): v_t + g_t by eq. 6
+    return g, nll, {"lr": d_lr, "momentum": d_mom, "l2": -mv}, adj.dw - hv, step.gamma * dv   # (10), (12)
+
+
+class Reversible:
+    """Compiled exact reversal for one problem and one set of hyperparameter SHAPES.
+
+    ``hypergradient(hypers)`` runs the exact forward and reverse passes for any
+    container with the same group shapes (as ``gpu_ver.drmad.DrMAD``). ``buffer``:
+    ``shared.exact_rep``'s buffer ('vector', 'numpy' or 'int'); ``hvp``: 'ror' or 'rop'
+    (``gpu_ver.models.symbolic_grad_and_hvp``).
+    """
+
+    def __init__(self, problem: Problem, hypers: HyperParams, *, buffer: str = "vector", hvp: str = "ror"):
+        check_fits(hypers, problem.layout, problem.n_iters)
+        D.check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
+        if buffer not in ("vector", "numpy", "int"):
+            raise ConfigError(f"buffer must be one of vector, numpy, int, got {buffer!r}")
+        self.problem, self.buffer, self.hvp = problem, buffer, hvp
+        self.shapes = {n: hypers.group(n).shape for n in D.GROUPS}
+        self.chunks = D.val_chunks(len(problem.y_val), problem.val_chunk)
+        self.fns = M.Functions(problem.model)
+        t0 = time.perf_counter()
+        self._build(hypers)
+        self.fns.grad(np.zeros(problem.layout.size), 0.0, *problem.batch(0))    # compile the gradient now
+        self.compile_s = time.perf_counter() - t0
+
+    # -- graph ------------------------------------------------------------------------------
+    def _build(self, hypers):
+        fx, lay, model = D.floatX(), self.problem.layout, self.problem.model
+        P, B = lay.size, lay.n_blocks
+        self._fx = fx
+        rows_lr, rows_m = D._table(hypers, "lr").shape[0], D._table(hypers, "momentum").shape[0]
+        z = lambda *s: np.zeros(s, fx)  # noqa: E731
+        sh = lambda a, n: theano.shared(a, name=n)  # noqa: E731
+        self.l2 = sh(z(P), "l2")
+        self.lr_tab, self.mom_tab = sh(z(rows_lr, B), "lr_table"), sh(z(rows_m, B), "momentum_table")
+        block_of = theano.shared(lay.block_of().astype(np.int64), name="block_of")
+        self.adj = Adjoint(sh(z(P), "dw"), sh(z(P), "dv"), sh(z(P), "dl2"), sh(z(rows_lr, B), "dlr"),
+                           sh(z(rows_m, B), "dmomentum"))
+        spans = [(int(o), int(n)) for o, n in zip(lay.offsets, lay.sizes)]
+
+        def row(tab, rows, t):
+            return tab[0] if rows == 1 else tab[t]
+
+        def blocksum(x):
+            return T.stack([x[o:o + n].sum() for o, n in spans])
+
+        X, y, t = model.input_var("X"), T.lvector("y"), T.lscalar("t")
+        w_t, v_next = T.vector("w_t", dtype=fx), T.vector("v_next", dtype=fx)
+        step = SymbolicStep(row(self.lr_tab, rows_lr, t)[block_of], row(self.mom_tab, rows_m, t)[block_of], self.l2)
+        a = self.adj
+        g, nll, c, dw_new, dv_new = adjoint_step(model, step, X, y, w_t, v_next, a, self.hvp)
+        updates = [(a.dw, dw_new), (a.dv, dv_new), (a.dl2, a.dl2 + c["l2"]),
+                   (a.dlr, T.inc_subtensor(a.dlr[0 if rows_lr == 1 else t], blocksum(c["lr"]))),
+                   (a.dmom, T.inc_subtensor(a.dmom[0 if rows_m == 1 else t], blocksum(c["momentum"])))]
+        self.f_reverse = fncache.function([X, y, t, w_t, v_next], [g, nll, T.abs_(dw_new).sum()], updates=updates,
+                                          name="exact_reverse_step", on_unused_input="ignore")
+
+    # -- host helpers -----------------------------------------------------------------------
+    def _check_hypers(self, hypers):
+        check_fits(hypers, self.problem.layout, self.problem.n_iters)
+        got = {n: hypers.group(n).shape for n in D.GROUPS}
+        if got != self.shapes:
+            raise ConfigError(f"hyperparameter shapes {got} differ from the compiled ones {self.shapes}")
+
+    def set_hypers(self, hypers: HyperParams) -> None:
+        """Copy the L2 strengths and the schedule tables (quantised momenta) to the device."""
+        self._check_hypers(hypers)
+        fx = self._fx
+        self.l2.set_value(np.asarray(hypers.per_param("l2"), fx))
+        self.lr_tab.set_value(D._table(hypers, "lr").astype(fx))
+        self.mom_tab.set_value(D._table(hypers, "momentum", True).astype(fx))
+
+    def grad(self, w, l2, X, y) -> np.ndarray:
+        """g_t = grad_w L at the float weights ``w`` (float64 copy of the device's floatX)."""
+        return self.fns.grad(w, l2, X, y)
+
+    def objective_and_grad(self, w) -> tuple:
+        """(f(w), grad f(w)) with f = sum_c (n_c / N) CE_c (``gpu_ver.drmad``'s objective)."""
+        p, N = self.problem, len(self.problem.y_val)
+        total, grad = 0.0, np.zeros(p.layout.size)
+        for a, b in self.chunks:
+            nll, g = self.fns.nll_and_grad(w, p.X_val[a:b], p.y_val[a:b])
+            total, grad = total + nll * (b - a) / N, grad + g * ((b - a) / N)
+        return total, grad
+
+    # -- passes -----------------------------------------------------------------------------
+    def forward(self, hypers: HyperParams, *, progress: bool = False) -> Trajectory:
+        """Exact forward pass (Algorithm 1)."""
+        p = self.problem
+        self._check_hypers(hypers)
+        W = ExactRep(p.w0(hypers), "weights", self.buffer)
+        V = ExactRep(np.zeros(p.layout.size), "velocity", self.buffer)
+        w0_fixed, keys, prints = W.c.copy(), fingerprint_keys(W.c.size), []
+        l2 = hypers.per_param("l2")
+        bar = D._bar(p.n_iters, "exact forward", progress)
+        for t in range(p.n_iters):
+            prints.append(fingerprint(W, V, keys))
+            s = schedule(hypers, t)
+            X, y = p.batch(t)
+            g = self.grad(W.val, l2, X, y)
+            check_finite("training gradient", g, t)
+            V.mul(s.n, t).sub((1.0 - s.gamma) * g, t)
+            W.add(s.alpha * V.val, t)
+            bar.update(1)
+        bar.close()
+        return Trajectory(W, V, w0_fixed, prints, keys)
+
+    def reverse(self, hypers: HyperParams, traj: Trajectory, *, progress: bool = False) -> HypergradResult:
+        """Exact reverse pass (Algorithm 2); consumes ``traj`` (its state is rewound to step 0)."""
+        p, fx, a = self.problem, self._fx, self.adj
+        self.set_hypers(hypers)
+        W, V = traj.W, traj.V
+        w_T = W.val
+        bits = V.buffer.bits()
+        objective, dw = self.objective_and_grad(w_T)
+        check_finite("validation gradient", dw, p.n_iters)
+        a.dw.set_value(dw.astype(fx))
+        for s in (a.dv, a.dl2, a.dlr, a.dmom):
+            s.set_value(np.zeros_like(s.get_value(borrow=True)))
+        bar = D._bar(p.n_iters, "exact reverse", progress)
+        for t in reversed(range(p.n_iters)):
+            s = schedule(hypers, t)
+            X, y = p.batch(t)
+            v_next = V.val
+            W.sub(s.alpha * v_next, t)
+            g, nll, chk = self.f_reverse(X, y, t, W.val.astype(fx), v_next.astype(fx))
+            if not np.isfinite(chk):
+                raise NonFiniteError("hypergradient (dw)", t, f"training loss at w_t {float(nll)}")
+            V.add((1.0 - s.gamma) * np.asarray(g, np.float64), t).div(s.n, t)
+            check_step(W, V, traj, t)
+            bar.update(1)
+        bar.close()
+        err = check_recovered(traj)
+        grads, dw0 = self._collect(hypers)
+        info = {**reversal_info(err, bits, w_T.size, p.n_iters), "floatX": fx,
+                "information_floor_bits": _floor(hypers, w_T.size, p.n_iters)}
+        return HypergradResult(objective, grads, dw0, w_T, info)
+
+    def _collect(self, hypers) -> tuple:
+        a = self.adj
+        dw0 = np.asarray(a.dw.get_value(), np.float64)
+        grads = {"l2": hypers.reduce("l2", np.asarray(a.dl2.get_value(), np.float64)),
+                 "lr": D._from_table(self.shapes["lr"], np.asarray(a.dlr.get_value(), np.float64)),
+                 "momentum": D._from_table(self.shapes["momentum"], np.asarray(a.dmom.get_value(), np.float64)),
+                 "init_scale": hypers.reduce("init_scale", dw0 * self.problem.init_base())}
+        return grads, dw0
+
+    def hypergradient(self, hypers: HyperParams, *, progress: bool = False) -> HypergradResult:
+        """Exact hypergradient of the meta-objective: forward then reverse."""
+        t0 = time.perf_counter()
+        traj = self.forward(hypers, progress=progress)
+        t1 = time.perf_counter()
+        res = self.reverse(hypers, traj, progress=progress)
+        res.info.update({"forward_s": t1 - t0, "reverse_s": time.perf_counter() - t1})
+        return res
+
+    def train(self, hypers: HyperParams, *, quantise: bool = True) -> np.ndarray:
+        """Plain float64 SGD with momentum (the same steps and gradient function, no exact
+        storage); returns w_T."""
+        p = self.problem
+        w = p.w0(hypers)
+        v = np.zeros_like(w)
+        l2 = hypers.per_param("l2")
+        for t in range(p.n_iters):
+            s = schedule(hypers, t, quantise)
+            X, y = p.batch(t)
+            g = self.grad(w, l2, X, y)
+            check_finite("training gradient", g, t)
+            v = s.gamma * v - (1.0 - s.gamma) * g
+            w = w + s.alpha * v
+        return w
+
+    def objective_after_training(self, hypers: HyperParams, quantise: bool = False) -> float:
+        """f(w_T(hypers)) by plain training (unquantised momentum by default): what FD differentiates."""
+        return self.objective_and_grad(self.train(hypers, quantise=quantise))[0]
+
+
+# --------------------------------------------------------------------------- cpu_ver's API
+def engine(problem: Problem, hypers: HyperParams, buffer: str = "vector") -> Reversible:
+    """The compiled engine for ``problem`` and these hyperparameter shapes (kept on the problem)."""
+    key = ("reversible", buffer, tuple(hypers.group(n).shape for n in D.GROUPS))
+    if key not in problem._cache:
+        problem._cache[key] = Reversible(problem, hypers, buffer=buffer)
+    return problem._cache[key]
+
+
+def forward(problem: Problem, hypers, *, buffer: str = "vector", progress: bool = False) -> Trajectory:
+    """Exact forward pass (Algorithm 1)."""
+    return engine(problem, hypers, buffer).forward(hypers, progress=progress)
+
+
+def reverse(problem: Problem, hypers, traj: Trajectory, *, progress: bool = False) -> HypergradResult:
+    """Exact reverse pass (Algorithm 2); consumes ``traj`` (its state is rewound to step 0)."""
+    eng = next((e for k, e in problem._cache.items() if k[0] == "reversible"
+                and k[2] == tuple(hypers.group(n).shape for n in D.GROUPS)), None) or engine(problem, hypers)
+    return eng.reverse(hypers, traj, progress=progress)
+
+
+def hypergradient(problem: Problem, hypers, *, buffer: str = "vector", progress: bool = False) -> HypergradResult:
+    """Exact hypergradient of the meta-objective: forward then reverse."""
+    return engine(problem, hypers, buffer).hypergradient(hypers, progress=progress)
+
+
+def information_floor_bits(problem: Problem, hypers) -> float:
+    """sum_t sum_i log2(d / n_{t,i}): the bits that multiplication by the momenta destroys."""
+    return _floor(hypers, problem.layout.size, problem.n_iters)
