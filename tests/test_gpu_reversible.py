@@ -85,6 +85,7 @@ def dense():
     return problem, hypers, R.engine(problem, hypers)
 
 
+@pytest.mark.slow   # cold compile of the DenseNet reverse step / float32 process: minutes on 2 cores (suite < 15 min)
 def test_gradient_is_bit_reproducible_and_the_reverse_graph_agrees(dense):
     problem, hypers, eng = dense
     eng.set_hypers(hypers)
@@ -99,6 +100,7 @@ def test_gradient_is_bit_reproducible_and_the_reverse_graph_agrees(dense):
         assert np.array_equal(np.asarray(g_rev, np.float64), g)                       # bit for bit
 
 
+@pytest.mark.slow   # cold compile of the DenseNet reverse step / float32 process: minutes on 2 cores (suite < 15 min)
 def test_densenet_reversal_is_bit_exact(dense):
     """100 steps with momenta 0.5, 0.9 and 0.99 (cycling over the blocks, BN blocks included):
     w0, v0 and the empty buffer recovered (``reverse`` raises otherwise); the buffer holds
@@ -130,6 +132,7 @@ def test_a_gradient_that_is_not_reproduced_names_the_step(mlp, monkeypatch):
         eng.reverse(hypers, traj)
 
 
+@pytest.mark.slow   # cold compile of the DenseNet reverse step / float32 process: minutes on 2 cores (suite < 15 min)
 def test_float32_mlp_reversal_is_bit_exact():
     """floatX float32 (device arithmetic in float32, fixed-point state as always): a
     subprocess, since Theano's flags are fixed per process."""
