@@ -1028,9 +1028,9 @@ def unexpected_host_ops(seed=0) -> dict:
     GPU device when every update stays there (meaningless on the C backend, where all is host)."""
     from gpu_ver import hostops  # noqa: PLC0415
 
-    out = {}
+    problem, out = build_check_problem(seed), {}
     for name in CHECK_CONFIGS:
-        bad = sorted({h.text for h in hostops.unexpected(_prepared_run(name, build_check_problem(seed)).function)})
+        bad = sorted({h.text for h in hostops.unexpected(_prepared_run(name, problem).function)})
         if bad:
             out[name] = bad
     return out
