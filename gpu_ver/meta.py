@@ -112,7 +112,8 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
         if checkpoint is not None:
             save_checkpoint(checkpoint, checkpoint_arrays(x, state, history), {**ident, "meta_iter": done})
 
-    bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc="meta (drmad)", disable=not progress)
+    kind = "exact" if getattr(engine, "K", None) is None else "drmad"
+    bar = tqdm(range(start, n_meta), initial=start, total=n_meta, desc=f"meta ({kind})", disable=not progress)
     done = start
     with interrupt.checkpointed(lambda: save(done)):
         for i in bar:
@@ -123,10 +124,11 @@ def run(engine, hypers, *, n_meta: int, optimizer: str = "adam", meta_lr: float 
             if not np.all(np.isfinite(g)) or not np.isfinite(res.objective):
                 raise NonFiniteError("hypergradient", f"{i} (meta-iteration)",
                                      f"validation loss {res.objective}; lower the learning rates or the meta step")
+            val_err = res.info["val_error"] if "val_error" in res.info else engine.validation(False)[1]
             train_loss, _ = engine.evaluate(p.X_train, p.y_train)
             test_err = engine.evaluate(p.X_test, p.y_test)[1] if p.y_test is not None and len(p.y_test) else float("nan")
             gnorm = float(np.linalg.norm(g))
-            for k, v in zip(HISTORY_KEYS, (train_loss, res.objective, res.info["val_error"], test_err, gnorm)):
+            for k, v in zip(HISTORY_KEYS, (train_loss, res.objective, val_err, test_err, gnorm)):
                 history[k].append(float(v))
             x, state = opt.update(x, clip(g, clip_norm, clip_value), state)
             hypers = hypers.unflatten(x)
@@ -225,6 +227,9 @@ def add_problem_arguments(p, iters=100, batch=100):
 
 def add_drmad_arguments(p):
     add_problem_arguments(p)
+    p.add_argument("--method", default="drmad", choices=("drmad", "exact"),
+                   help="hypergradient of each meta-iteration: DrMAD (--K/--grid/--velocity) or exact "
+                        "reversible learning (gpu_ver.reversible)")
     p.add_argument("--meta-iters", type=int, default=0, help="meta-iterations (0: one hypergradient)")
     p.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
     p.add_argument("--meta-lr", type=float, default=0.05)
@@ -315,7 +320,12 @@ def run_drmad(args) -> int:
     problem, hypers, data_desc = build_problem(args)
     from gpu_ver import drmad as D  # noqa: PLC0415
 
-    engine = D.DrMAD(problem, hypers, K=args.K, grid=args.grid, velocity=args.velocity)
+    if getattr(args, "method", "drmad") == "exact":
+        from gpu_ver import reversible as R  # noqa: PLC0415
+
+        engine = R.Reversible(problem, hypers)
+    else:
+        engine = D.DrMAD(problem, hypers, K=args.K, grid=args.grid, velocity=args.velocity)
     timings = {"setup_s": time.perf_counter() - t0 - engine.compile_s, "compile_s": engine.compile_s}
     config = {**_config(args), "data": data_desc, "problem": problem.describe(), "floatX": D.floatX()}
     records.make_run_dir(out)
@@ -324,13 +334,16 @@ def run_drmad(args) -> int:
         res = engine.hypergradient(hypers, progress=not args.no_progress)
         timings["hypergradient_s"] = time.perf_counter() - t1
         timings.update({k: res.info[k] for k in ("forward_s", "reverse_s")})
+        if "val_error" not in res.info:                     # the exact engine evaluates on request
+            res.info["val_error"] = engine.validation(False)[1]
         grads = {k: v for k, v in res.grads.items() if k in hypers.tuned}
         free = hypers.chain(grads)
         metrics = {"val_loss": res.objective, "val_error": res.info["val_error"],
                    "hypergradient_norm": {k: float(np.linalg.norm(v)) for k, v in grads.items()},
                    "hypergradient_free_norm": {k: float(np.linalg.norm(v)) for k, v in free.items()},
                    "hypergradient": {k: v.tolist() for k, v in grads.items() if v.size <= 20000},
-                   "K": res.info["K"], "shared_bytes": engine.shared_bytes()}
+                   **({"K": res.info["K"], "shared_bytes": engine.shared_bytes()} if "K" in res.info else
+                      {k: res.info[k] for k in ("reversal_max_abs_error", "buffer_bits", "information_floor_bits")})}
         np.savez(out / "hypergradient.npz", **{k: v for k, v in grads.items()}, grad_w0=res.grad_w0)
         print(f"validation loss {res.objective:.6f} (error {res.info['val_error']:.4f}); |hypergradient|: "
               + ", ".join(f"{k} {v:.3e}" for k, v in metrics["hypergradient_norm"].items()))
@@ -352,7 +365,8 @@ def run_drmad(args) -> int:
         hypers.save(out / "hypers")
         if hist["val_loss"]:
             try:
-                plot_history(hist, out / "learning_curves.png")
+                plot_history(hist, out / "learning_curves.png",
+                             f"meta-optimisation ({'exact' if args.method == 'exact' else 'DrMAD'})")
             except ImportError:                      # e.g. a GPU machine without matplotlib
                 print("matplotlib not installed: learning_curves.png skipped", file=sys.stderr)
             print(f"validation loss {hist['val_loss'][0]:.4f} -> {final['val_loss']:.4f} over "

@@ -124,6 +124,8 @@ class Reversible:
     (``gpu_ver.models.symbolic_grad_and_hvp``).
     """
 
+    velocity = "reconstruct"     # every group has a hypergradient (``gpu_ver.meta.run`` asks DrMAD engines)
+
     def __init__(self, problem: Problem, hypers: HyperParams, *, buffer: str = "vector", hvp: str = "ror"):
         check_fits(hypers, problem.layout, problem.n_iters)
         D.check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
@@ -133,6 +135,7 @@ class Reversible:
         self.shapes = {n: hypers.group(n).shape for n in D.GROUPS}
         self.chunks = D.val_chunks(len(problem.y_val), problem.val_chunk)
         self.fns = M.Functions(problem.model)
+        self._f_eval, self._w_eval = None, None
         t0 = time.perf_counter()
         self._build(hypers)
         self.fns.grad(np.zeros(problem.layout.size), 0.0, *problem.batch(0))    # compile the gradient now
@@ -169,6 +172,18 @@ class Reversible:
                    (a.dmom, T.inc_subtensor(a.dmom[0 if rows_m == 1 else t], blocksum(c["momentum"])))]
         self.f_reverse = fncache.function([X, y, t, w_t, v_next], [g, nll, T.abs_(dw_new).sum()], updates=updates,
                                           name="exact_reverse_step", on_unused_input="ignore")
+
+    @property
+    def f_eval(self):
+        """(mean CE, n_errors) at flat weights ``w``, batch statistics (as DrMAD's
+        evaluation): compiled on first use (only meta-loops evaluate)."""
+        if self._f_eval is None:
+            model = self.problem.model
+            w, X, y = T.vector("w", dtype=self._fx), model.input_var("X"), T.lvector("y")
+            logits, _ = model.forward(M.split(w, self.problem.layout), X, None)
+            outs = [M.cross_entropy(logits, y), T.neq(T.argmax(logits, axis=1), y).sum()]
+            self._f_eval = fncache.function([w, X, y], outs, name="exact_eval")
+        return self._f_eval
 
     # -- host helpers -----------------------------------------------------------------------
     def _check_hypers(self, hypers):
@@ -218,6 +233,7 @@ class Reversible:
             W.add(s.alpha * V.val, t)
             bar.update(1)
         bar.close()
+        self._w_eval = W.val.copy()
         return Trajectory(W, V, w0_fixed, prints, keys)
 
     def reverse(self, hypers: HyperParams, traj: Trajectory, *, progress: bool = False) -> HypergradResult:
@@ -268,6 +284,27 @@ class Reversible:
         res = self.reverse(hypers, traj, progress=progress)
         res.info.update({"forward_s": t1 - t0, "reverse_s": time.perf_counter() - t1})
         return res
+
+    def evaluate(self, X, y, chunk=None) -> tuple:
+        """(mean CE, error rate) at the weights w_T of the last forward pass over (X, y), in
+        near-equal chunks with batch statistics per chunk (``gpu_ver.drmad.DrMAD.evaluate``)."""
+        n = len(y)
+        if n == 0:
+            return float("nan"), float("nan")
+        if self._w_eval is None:
+            raise ConfigError("evaluate: no forward pass has run yet")
+        w, total, errs = self._w_eval.astype(self._fx), 0.0, 0
+        for a, b in D.val_chunks(n, chunk or self.problem.val_chunk):
+            l, e = self.f_eval(w, np.asarray(X[a:b], self._fx), np.asarray(y[a:b], np.int64))
+            total, errs = total + float(l) * (b - a), errs + int(e)
+        return total / n, errs / n
+
+    def validation(self, accumulate_grad: bool = False) -> tuple:
+        """(f(w_T), error rate) on the validation split (``DrMAD.validation`` without the
+        gradient, which the exact reverse pass takes itself)."""
+        if accumulate_grad:
+            raise ConfigError("the exact engine takes the validation gradient in its reverse pass")
+        return self.evaluate(self.problem.X_val, self.problem.y_val)
 
     def train(self, hypers: HyperParams, *, quantise: bool = True) -> np.ndarray:
         """Plain float64 SGD with momentum (the same steps and gradient function, no exact

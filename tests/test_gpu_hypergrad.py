@@ -65,3 +65,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and words in err[-1], err
     assert not (out / "results.json").exists()
+
+
+def test_drmad_meta_loop_with_exact_hypergradients_equals_drmad_with_every_step_stored(tmp_path):
+    """``gpu_ver drmad --method exact``: the meta-loop on exact hypergradients follows the same
+    path as DrMAD with K = T (the exact recursion, equal to rounding), and evaluates the saved
+    hyperparameters."""
+    meta = ["--meta-iters", "3", "--meta-lr", "0.1", "--hypers", "l2,lr", "--lr-shape", "iter"]
+    common = [c for c in COMMON if c not in ("--hypers", "l2,lr,momentum,init_scale", "--lr-shape", "iter")]
+    runs = {}
+    for name, extra in (("exact", ["--method", "exact"]), ("kt", ["--method", "drmad", "--K", "12"])):
+        assert cli.main(["drmad", *extra, *meta, *common, "--out", str(tmp_path / name)]) == 0
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())["metrics"]
+    ex, kt = runs["exact"], runs["kt"]
+    assert len(ex["val_loss"]) == 3 and ex["val_loss"][-1] < ex["val_loss"][0]
+    for key in ("val_loss", "train_loss", "val_error", "hypergradient_norm", "final_val_loss"):
+        np.testing.assert_allclose(ex[key], kt[key], rtol=1e-9, err_msg=key)
+    assert (tmp_path / "exact" / "learning_curves.png").stat().st_size > 0
