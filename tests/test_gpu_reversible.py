@@ -5,7 +5,8 @@
 (c) the training gradient is bit-reproducible (20 calls) and the reverse step's graph
     computes the same gradient bit for bit (the condition of exact reversal);
 (d) bit-exact reversal of a tiny DenseNet with batch norm, 100 steps, momenta 0.5, 0.9
-    and 0.99 (one per block, cycling) in float64, and in float32 in a subprocess on
+    and 0.99 (one per block, cycling) in float64 (in the default run in the finite-difference
+    test's graph; with per-block schedules slow-marked), and in float32 in a subprocess on
     the MLP; the buffer within 1.05 x the information floor + 16 bits per weight;
 (e) a gradient that is not reproduced is caught and the step named;
 (f) exact hypergradient on that DenseNet against finite differences (``gpu_ver check``'s part).
@@ -155,6 +156,25 @@ def test_densenet_exact_matches_finite_differences():
     assert {r[0] for r in rows} == {"l2", "lr", "momentum", "init_scale"}
     for g, a, n, e in rows:
         assert e <= 1e-6, (g, a, n, e)
+
+
+def test_densenet_100_step_reversal_in_the_check_graph():
+    """The default run's DenseNet reversal: 100 steps of the check DenseNet (batch norm) with
+    per-step x per-block schedules, momenta 0.5, 0.9 and 0.99 cycling over the blocks, so the
+    compiled graphs are the finite-difference test's (no second cold compile): w0, v0 and the
+    empty buffer recovered bit for bit (``reverse`` raises otherwise), the buffer within the
+    information floor + 16 bits per weight."""
+    problem, _ = GC.densenet_problem(0, T=100)
+    T, B = problem.n_iters, problem.layout.n_blocks
+    mom = np.tile(np.array([0.5, 0.9, 0.99])[np.arange(B) % 3], (T, 1))
+    hypers = problem.hypers(lr=np.full((T, B), 0.05), momentum=mom, l2=1e-4, l2_shape="unit",
+                            lr_shape="iter_block", momentum_shape="iter_block",
+                            groups=("l2", "lr", "momentum", "init_scale"))
+    res = R.engine(problem, hypers).hypergradient(hypers)
+    assert res.info["reversal_max_abs_error"] == 0.0
+    floor, bits, P = res.info["information_floor_bits"], res.info["buffer_bits"], problem.layout.size
+    assert floor <= bits <= 1.05 * floor + 16 * P
+    assert all(np.all(np.isfinite(v)) and np.any(v != 0) for v in res.grads.values())
 
 
 # --------------------------------------------------------------------------- slow
