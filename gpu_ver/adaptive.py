@@ -147,7 +147,7 @@ class Grouping:
         if self.kind == "param":
             return x
         if self.kind == "block":
-            return T.stack([T.sum(x[o:o + s]) for o, s in zip(self.layout.offsets, self.layout.sizes)])
+            return M.block_sums(x, self.layout)
         return T.inc_subtensor(T.zeros((self.n,), dtype=x.dtype)[T.constant(self.index)], x)
 
     # numpy ---------------------------------------------------------------------

@@ -281,7 +281,6 @@ class DrMAD:
         fx, P = floatX(), self.problem.layout.size
         lay, model = self.problem.layout, self.problem.model
         B = lay.n_blocks
-        self.spans = [(int(o), int(n)) for o, n in zip(lay.offsets, lay.sizes)]
         rows_lr = _table(hypers, "lr").shape[0]
         rows_m = _table(hypers, "momentum").shape[0]
         z = lambda *s: np.zeros(s, fx)  # noqa: E731
@@ -307,7 +306,7 @@ class DrMAD:
             return r[self.block_of]
 
         def blocksum(x):
-            return T.stack([x[o:o + n].sum() for o, n in self.spans])
+            return M.block_sums(x, lay)
 
         def interp(k, b):
             be = expand(b)

@@ -96,6 +96,13 @@ def flat(blocks) -> "T.TensorVariable":
     return T.concatenate([b.flatten() for b in blocks])
 
 
+def block_sums(x, layout: ParamLayout) -> "T.TensorVariable":
+    """(sum_{i in block b} x_i)_b, one entry per block of ``layout``: the adjoint of expanding a
+    per-block value to its parameters. Built as a join of one-element sums, which stays on a
+    GPU device (a ``T.stack`` of scalars is a host ``MakeVector``, with one transfer per block)."""
+    return T.concatenate([x[o:o + n].sum(keepdims=True) for o, n in zip(layout.offsets, layout.sizes)])
+
+
 def log_softmax(logits):
     """log p = z - max z - log sum exp(z - max z); the max carries no gradient (it cancels exactly)."""
     m = theano.gradient.zero_grad(logits.max(axis=1, keepdims=True))

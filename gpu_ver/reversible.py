@@ -154,13 +154,12 @@ class Reversible:
         block_of = theano.shared(lay.block_of().astype(np.int64), name="block_of")
         self.adj = Adjoint(sh(z(P), "dw"), sh(z(P), "dv"), sh(z(P), "dl2"), sh(z(rows_lr, B), "dlr"),
                            sh(z(rows_m, B), "dmomentum"))
-        spans = [(int(o), int(n)) for o, n in zip(lay.offsets, lay.sizes)]
 
         def row(tab, rows, t):
             return tab[0] if rows == 1 else tab[t]
 
         def blocksum(x):
-            return T.stack([x[o:o + n].sum() for o, n in spans])
+            return M.block_sums(x, lay)
 
         X, y, t = model.input_var("X"), T.lvector("y"), T.lscalar("t")
         w_t, v_next = T.vector("w_t", dtype=fx), T.vector("v_next", dtype=fx)

@@ -183,9 +183,13 @@ def test_densenet_100_step_reversal_in_the_check_graph():
 @pytest.mark.parametrize("momentum", [0.5, 0.9, 0.99])
 def test_densenet_1000_step_reversal(floatX, momentum):
     code = ("import sys\nfrom gpu_ver import config; config.load(device='cpu', floatX=sys.argv[1])\n"
-            "from tests.test_gpu_reversible import _densenet\nfrom gpu_ver import reversible as R\n"
-            "p, h = _densenet(1000, (float(sys.argv[2]),))\nr = R.hypergradient(p, h)\n"
-            "assert r.info['reversal_max_abs_error'] == 0.0\nprint('OK', r.info['buffer_bits'])\n")
+            "from gpu_ver import check as GC, reversible as R\n"
+            "p, _ = GC.densenet_problem(0, T=1000)\n"
+            "h = p.hypers(lr=0.05, momentum=[float(sys.argv[2])] * p.layout.n_blocks, l2=1e-4,"
+            " l2_shape='block', momentum_shape='block', groups=('l2', 'lr', 'momentum', 'init_scale'))\n"
+            "r = R.hypergradient(p, h)\n"
+            "assert r.info['reversal_max_abs_error'] == 0.0 and r.info['floatX'] == sys.argv[1]\n"
+            "print('OK', r.info['buffer_bits'], r.info['information_floor_bits'])\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code, floatX, str(momentum)], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=3600)
