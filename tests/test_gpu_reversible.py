@@ -87,7 +87,10 @@ def dense():
 
 @pytest.mark.slow   # cold compile of the DenseNet reverse step / float32 process: minutes on 2 cores (suite < 15 min)
 def test_gradient_is_bit_reproducible_and_the_reverse_graph_agrees(dense):
-    problem, hypers, eng = dense
+    """With hvp="ror" the reverse step's own g_t is the forward one bit for bit (with "rop"
+    it is not, and the reversal takes g_t from the forward function: the reversal test)."""
+    problem, hypers, _ = dense
+    eng = R.engine(problem, hypers, hvp="ror")
     eng.set_hypers(hypers)
     rng = np.random.default_rng(3)
     w = problem.w0(hypers) + 0.05 * rng.standard_normal(problem.layout.size)
@@ -106,6 +109,7 @@ def test_densenet_reversal_is_bit_exact(dense):
     w0, v0 and the empty buffer recovered (``reverse`` raises otherwise); the buffer holds
     the information floor (eq. 19) plus at most 16 bits per weight (the coder's constant)."""
     problem, hypers, eng = dense
+    assert eng.hvp == "rop"                 # the default: g_t from the forward pass's function
     res = eng.hypergradient(hypers)
     assert res.info["reversal_max_abs_error"] == 0.0
     floor, bits, P = res.info["information_floor_bits"], res.info["buffer_bits"], problem.layout.size
