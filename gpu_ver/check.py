@@ -85,7 +85,7 @@ def densenet_problem(seed: int = 0, T: int = 6, depth: int = 7, growth: int = 4,
     return problem, _hypers(problem, seed, (-2.5, -1.5))
 
 
-def check_drmad(problem, hypers, *, seed=0, eps=1e-3, hvp="rop") -> list:
+def check_drmad(problem, hypers, *, seed=0, eps=1e-3, hvp="ror") -> list:
     """DrMAD K = T vs finite differences, one row per group."""
     from gpu_ver import drmad as D  # noqa: PLC0415
 
@@ -94,7 +94,7 @@ def check_drmad(problem, hypers, *, seed=0, eps=1e-3, hvp="rop") -> list:
     return fd_rows(engine, hypers, res.grads, seed=seed, eps=eps)
 
 
-def check_exact(problem, hypers, *, seed=0, eps=1e-3, hvp="rop") -> list:
+def check_exact(problem, hypers, *, seed=0, eps=1e-3, hvp="ror") -> list:
     """Exact reversal (``gpu_ver.reversible``) vs finite differences, one row per group."""
     from gpu_ver import reversible as R  # noqa: PLC0415
 
@@ -102,7 +102,7 @@ def check_exact(problem, hypers, *, seed=0, eps=1e-3, hvp="rop") -> list:
     return fd_rows(engine, hypers, engine.hypergradient(hypers).grads, seed=seed, eps=eps)
 
 
-def check_hvp(net, *, seed=0, h=1e-4, batch=6, hvp="rop") -> list:
+def check_hvp(net, *, seed=0, h=1e-4, batch=6, hvp="ror") -> list:
     """[('hvp', |Hv|, |FD|, max|Hv - FD| / max|FD|)] at perturbed initial weights (BN scales off 1)."""
     from gpu_ver import models as M  # noqa: PLC0415
 
@@ -120,7 +120,7 @@ def check_hvp(net, *, seed=0, h=1e-4, batch=6, hvp="rop") -> list:
     return [("all", float(np.linalg.norm(hv)), float(np.linalg.norm(fd)), err)]
 
 
-def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3, hvp="rop") -> tuple:
+def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3, hvp="ror") -> tuple:
     """(rows [(method, group, analytic, numeric, rel_err)], timings); ``hvp``: the reverse
     steps' Hessian-vector product ('rop' or 'ror', ``gpu_ver.models.symbolic_grad_and_hvp``)."""
     from gpu_ver import drmad as D  # noqa: PLC0415

@@ -188,14 +188,14 @@ MLP_DATASETS = ("digits", "mnist", "mnist-t10k", "synthetic")
 IMAGE_DATASETS = ("synthetic-images", "cifar10")
 
 
-HVP_CHOICES, HVP_DEFAULT = ("ror", "rop"), "rop"   # gpu_ver.models.HVP_METHODS / DEFAULT_HVP (tested equal)
+HVP_CHOICES, HVP_DEFAULT = ("ror", "rop"), "ror"   # gpu_ver.models.HVP_METHODS / DEFAULT_HVP (tested equal)
 
 
 def add_hvp_argument(p):
     """``--hvp``: the reverse step's Hessian-vector product (``gpu_ver.models.symbolic_grad_and_hvp``)."""
     p.add_argument("--hvp", default=HVP_DEFAULT, metavar="ror|rop",
-                   help="Hessian-vector product of the reverse step: rop (forward over reverse, the default) or "
-                        "ror (reverse over reverse); equal to rounding")
+                   help="Hessian-vector product of the reverse step: ror (reverse over reverse, the default) or "
+                        "rop (forward over reverse); equal to rounding")
 
 
 def check_hvp_option(args) -> None:

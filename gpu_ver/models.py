@@ -432,7 +432,7 @@ def block_dot(a, b):
 
 
 HVP_METHODS = ("ror", "rop")
-DEFAULT_HVP = "rop"     # forward over reverse: the same product to rounding, faster (docs/MEASUREMENTS.md)
+DEFAULT_HVP = "ror"     # rop is equal to rounding but no faster on DenseNet-40 (docs/MEASUREMENTS.md s.3)
 
 
 def check_hvp_method(hvp: str) -> str:
@@ -480,7 +480,7 @@ class Functions:
     """
 
     def __init__(self, model, hvp: str = DEFAULT_HVP):
-        self.model, self.hvp = model, check_hvp_method(hvp)
+        self.model, self.hvp_method = model, check_hvp_method(hvp)
         self.fx = floatX()
         self._fns = {}
 
@@ -499,7 +499,7 @@ class Functions:
                 g, nll, _ = symbolic_grad(m, w, X, y, l2)
                 ins, outs = [w, l2, X, y], [g, nll]
             elif name == "hvp":
-                ins, outs = [w, l2, X, y, v], list(symbolic_hvp(m, w, X, y, l2, v, self.hvp))
+                ins, outs = [w, l2, X, y, v], list(symbolic_hvp(m, w, X, y, l2, v, self.hvp_method))
             elif name == "logits":
                 stats = [(T.vector(f"mu{i}"), T.vector(f"var{i}")) for i in range(m.n_bn)]
                 logits, _ = m.forward(split(w, m.layout), X, stats if stats else None)

@@ -66,6 +66,25 @@ def test_mlp_exact_matches_cpu_exact(mlp):
     assert CC.rel_diff(rg.grad_w0, rc.grad_w0) <= 1e-12
 
 
+def test_mlp_exact_with_forward_over_reverse(mlp):
+    """hvp="rop": g_t for the exact division comes from the forward gradient function, so the
+    reversal stays bit-exact; the hypergradient equals reverse over reverse's to rounding."""
+    cp, gp, hypers = mlp
+    rop, ror = R.hypergradient(gp, hypers, hvp="rop"), R.hypergradient(gp, hypers)
+    assert rop.info["reversal_max_abs_error"] == 0.0
+    for k, v in ror.grads.items():
+        assert CC.rel_diff(rop.grads[k], v) <= 1e-12, k
+
+
+@pytest.mark.slow   # a second cold compile of the DenseNet reverse step
+def test_densenet_reversal_with_forward_over_reverse_is_bit_exact(dense):
+    """The rop reverse graph's own g_t is not the forward one bit for bit on the DenseNet;
+    the reversal takes g_t from the forward function and stays exact."""
+    problem, hypers, _ = dense
+    res = R.hypergradient(problem, hypers, hvp="rop")
+    assert res.info["reversal_max_abs_error"] == 0.0
+
+
 def test_drmad_with_every_step_stored_equals_exact(mlp):
     """K = T: every w_t is a stored point and eq. 25 recovers each velocity to rounding
     (relative error about eps |w| / |alpha v| per step), so every group agrees far below 1e-10."""
@@ -109,7 +128,6 @@ def test_densenet_reversal_is_bit_exact(dense):
     w0, v0 and the empty buffer recovered (``reverse`` raises otherwise); the buffer holds
     the information floor (eq. 19) plus at most 16 bits per weight (the coder's constant)."""
     problem, hypers, eng = dense
-    assert eng.hvp == "rop"                 # the default: g_t from the forward pass's function
     res = eng.hypergradient(hypers)
     assert res.info["reversal_max_abs_error"] == 0.0
     floor, bits, P = res.info["information_floor_bits"], res.info["buffer_bits"], problem.layout.size
