@@ -8,9 +8,14 @@ Measures, for a DenseNet (default DenseNet-40, k = 12, float32, batch 64,
   compile cache (a fresh process);
 - ``compile_train_cached_s``: the same in a second process with that cache
   warm (graph optimisation still runs; C modules are reused);
-- ``compile_reverse_cold_s``: the Hessian-vector-product function that
-  DrMAD's reverse step needs (reverse-over-reverse), with another empty cache;
-  ``hvp_step_s`` is its run time per batch;
+- ``compile_reverse_<m>_cold_s``: the function of DrMAD's and the exact
+  reversal's reverse step at w_t (gradient, Hessian-vector product and the
+  hyperparameter VJP 2 w v, ``gpu_ver.models.symbolic_grad_and_hvp``) for each
+  HVP method m: ``ror`` (reverse over reverse) and ``rop`` (forward over
+  reverse, the R-operator), each with its own empty cache;
+  ``reverse_<m>_step_s`` is its run time per batch and
+  ``reverse_<m>_over_train_step`` its ratio to the training step measured in
+  the same run (target <= 2.5);
 - ``theano_step_s`` / ``torch_step_s``: median wall time of one training step
   (forward, backward, update); ``theano_over_torch`` is their ratio.
 
@@ -25,7 +30,8 @@ else this interpreter). To make one, outside the project's environment:
 figures are ``null`` and the script says how to install it.
 
 Usage:  python benchmarks/densenet.py [--quick] [--json FILE] [--no-reverse]
-        [--openmp] [--dynamic-batch] [--depth 40 --growth 12 --batch 64 --steps 5]
+        [--hvp ror,rop] [--openmp] [--dynamic-batch]
+        [--depth 40 --growth 12 --batch 64 --steps 5]
 
 ``--quick``: DenseNet-10, batch 32, 3 steps (a few minutes here, nearly all
 of it the cold compiles). Every worker runs in its own process so that each
@@ -89,7 +95,7 @@ def worker_theano(a) -> dict:
         w, l2, v = T.vector("w"), T.vector("l2"), T.vector("v")
         Xs, ys = net.input_var("X"), T.lvector("y")
         t = time.perf_counter()
-        f = theano.function([w, l2, Xs, ys, v], list(M.symbolic_hvp(net, w, Xs, ys, l2, v)))
+        f = theano.function([w, l2, Xs, ys, v], list(M.symbolic_grad_and_hvp(net, w, Xs, ys, l2, v, a.hvp)))
         out["compile_s"] = time.perf_counter() - t
         w0 = net.init(0).astype("float32")
         lv = np.full(w0.size, 5e-5, "float32")
@@ -189,24 +195,24 @@ def run(a) -> dict:
         print("[2/4] Theano training step, warm cache", file=sys.stderr, flush=True)
         warm = _spawn(sys.executable, ["--worker", "train", *common, "--steps", "0"], cache)
         rev = {}
-        if a.reverse:
-            print("[3/4] Theano HVP (DrMAD reverse step), cold cache", file=sys.stderr, flush=True)
-            rev = _spawn(sys.executable, ["--worker", "reverse", *common, "--steps", "1"],
-                         {**env, "HPO_THEANO_CACHE": str(tmp / "cache-reverse")})
+        for m in (a.hvp_methods if a.reverse else ()):
+            print(f"[3/4] Theano reverse step (gradient + HVP {m} + hyper-VJP), cold cache", file=sys.stderr,
+                  flush=True)
+            rev[m] = _spawn(sys.executable, ["--worker", "reverse", *common, "--hvp", m, "--steps",
+                                             str(a.reverse_steps)], {**env, "HPO_THEANO_CACHE": str(tmp / f"cache-{m}")})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("[4/4] PyTorch training step", file=sys.stderr, flush=True)
     tp = _torch_python(a.torch_python)
     tor = _spawn(tp, ["--worker", "torch", *common, "--steps", str(a.steps)])
-    for name, d in (("train_cold", cold), ("train_cached", warm), ("reverse", rev), ("torch", tor)):
+    for name, d in (("train_cold", cold), ("train_cached", warm), ("torch", tor),
+                    *((f"reverse_{m}", d) for m, d in rev.items())):
         if "error" in d:
             res[f"{name}_error"] = d["error"]
     res.update({
         "compile_train_cold_s": cold.get("compile_s"),
         "compile_train_cached_s": warm.get("compile_s"),
-        "compile_reverse_cold_s": rev.get("compile_s"),
         "theano_step_s": cold.get("step_s"),
-        "hvp_step_s": rev.get("step_s"),
         "torch_step_s": tor.get("step_s"),
         "n_params": cold.get("n_params"),
         "torch_n_params": tor.get("n_params"),
@@ -218,14 +224,21 @@ def run(a) -> dict:
     })
     ts, to = res["theano_step_s"], res["torch_step_s"]
     res["theano_over_torch"] = ts / to if ts and to else None
+    for m, d in rev.items():
+        rs = d.get("step_s")
+        res[f"compile_reverse_{m}_cold_s"] = d.get("compile_s")
+        res[f"reverse_{m}_step_s"] = rs
+        res[f"reverse_{m}_over_train_step"] = rs / ts if rs and ts else None
+        res[f"reverse_{m}_peak_rss_bytes"] = d.get("peak_rss_bytes")
     return res
 
 
 def table(res) -> str:
     rows = [("network", f"DenseNet-{res['depth']} k={res['growth']}, batch {res['batch']}, "
                         f"{res['size']}x{res['size']}, float32, {res['cpu_count']} cores")]
-    for k in ("compile_train_cold_s", "compile_train_cached_s", "compile_reverse_cold_s", "theano_step_s",
-              "hvp_step_s", "torch_step_s", "theano_over_torch"):
+    rev = [k for k in res if k.startswith(("compile_reverse_", "reverse_")) and not k.endswith(("_error", "_bytes"))]
+    for k in ("compile_train_cold_s", "compile_train_cached_s", "theano_step_s", "torch_step_s",
+              "theano_over_torch", *rev):
         v = res.get(k)
         rows.append((k, "n/a" if v is None else f"{v:.3f}"))
     rows += [(k, str(v)) for k, v in res.items() if k.endswith("_error")]
@@ -250,13 +263,21 @@ def main(argv=None):
     p.add_argument("--openmp", action="store_true", help="Theano openmp=True (CorrMM parallel over the batch)")
     p.add_argument("--dynamic-batch", dest="static_batch", action="store_false",
                    help="leave the batch size out of conv2d's static shapes (much slower to compile)")
-    p.add_argument("--no-reverse", dest="reverse", action="store_false", help="skip the HVP compile")
+    p.add_argument("--no-reverse", dest="reverse", action="store_false", help="skip the reverse-step compiles")
+    p.add_argument("--hvp", default="ror,rop",
+                   help="comma-separated HVP methods of the reverse step to measure (ror, rop; default both)")
+    p.add_argument("--reverse-steps", type=int, default=None,
+                   help="timed calls of each reverse step (default: --steps)")
     p.add_argument("--torch-python", default=None, help="interpreter with torch installed")
     p.add_argument("--worker", choices=["train", "reverse", "torch"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.hvp_methods = [m for m in a.hvp.split(",") if m]
+    if (not a.hvp_methods or any(m not in ("ror", "rop") for m in a.hvp_methods)):
+        p.exit(2, f"error: --hvp must be a comma-separated list of ror, rop, got {a.hvp!r}\n")
     a.depth = a.depth or (10 if a.quick else 40)
     a.batch = a.batch or (32 if a.quick else 64)
     a.steps = 3 if a.steps is None and a.quick else (5 if a.steps is None else a.steps)
+    a.reverse_steps = a.steps if a.reverse_steps is None else a.reverse_steps
     if a.device:
         os.environ["HPO_DEVICE"] = a.device      # read by the worker processes
     if a.worker:

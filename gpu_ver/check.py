@@ -85,28 +85,28 @@ def densenet_problem(seed: int = 0, T: int = 6, depth: int = 7, growth: int = 4,
     return problem, _hypers(problem, seed, (-2.5, -1.5))
 
 
-def check_drmad(problem, hypers, *, seed=0, eps=1e-3) -> list:
+def check_drmad(problem, hypers, *, seed=0, eps=1e-3, hvp="ror") -> list:
     """DrMAD K = T vs finite differences, one row per group."""
     from gpu_ver import drmad as D  # noqa: PLC0415
 
-    engine = D.DrMAD(problem, hypers, K=problem.n_iters)
+    engine = D.DrMAD(problem, hypers, K=problem.n_iters, hvp=hvp)
     res = engine.hypergradient(hypers)
     return fd_rows(engine, hypers, res.grads, seed=seed, eps=eps)
 
 
-def check_exact(problem, hypers, *, seed=0, eps=1e-3) -> list:
+def check_exact(problem, hypers, *, seed=0, eps=1e-3, hvp="ror") -> list:
     """Exact reversal (``gpu_ver.reversible``) vs finite differences, one row per group."""
     from gpu_ver import reversible as R  # noqa: PLC0415
 
-    engine = R.engine(problem, hypers)
+    engine = R.engine(problem, hypers, hvp=hvp)
     return fd_rows(engine, hypers, engine.hypergradient(hypers).grads, seed=seed, eps=eps)
 
 
-def check_hvp(net, *, seed=0, h=1e-4, batch=6) -> list:
+def check_hvp(net, *, seed=0, h=1e-4, batch=6, hvp="ror") -> list:
     """[('hvp', |Hv|, |FD|, max|Hv - FD| / max|FD|)] at perturbed initial weights (BN scales off 1)."""
     from gpu_ver import models as M  # noqa: PLC0415
 
-    f = M.Functions(net)
+    f = M.Functions(net, hvp)
     rng = np.random.default_rng(seed + 3)
     X = rng.standard_normal((batch, *net.input_shape))
     y = rng.integers(0, net.n_classes, batch)
@@ -120,8 +120,9 @@ def check_hvp(net, *, seed=0, h=1e-4, batch=6) -> list:
     return [("all", float(np.linalg.norm(hv)), float(np.linalg.norm(fd)), err)]
 
 
-def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3) -> tuple:
-    """(rows [(method, group, analytic, numeric, rel_err)], timings)."""
+def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3, hvp="ror") -> tuple:
+    """(rows [(method, group, analytic, numeric, rel_err)], timings); ``hvp``: the reverse
+    steps' Hessian-vector product ('rop' or 'ror', ``gpu_ver.models.symbolic_grad_and_hvp``)."""
     from gpu_ver import drmad as D  # noqa: PLC0415
 
     if D.floatX() != "float64":
@@ -133,21 +134,21 @@ def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3) -> tupl
     if "mlp" in parts:
         t0 = time.perf_counter()
         problem, hypers = mlp_problem(seed, T_mlp)
-        rows += [("drmad_K=T:mlp", *r) for r in check_drmad(problem, hypers, seed=seed, eps=eps)]
+        rows += [("drmad_K=T:mlp", *r) for r in check_drmad(problem, hypers, seed=seed, eps=eps, hvp=hvp)]
         timings["mlp_s"] = time.perf_counter() - t0
     if "hvp" in parts or "densenet" in parts or "exact" in parts:
         problem, hypers = densenet_problem(seed, T_densenet)
         if "hvp" in parts:
             t0 = time.perf_counter()
-            rows += [("hvp:densenet", *r) for r in check_hvp(problem.model, seed=seed)]
+            rows += [("hvp:densenet", *r) for r in check_hvp(problem.model, seed=seed, hvp=hvp)]
             timings["hvp_s"] = time.perf_counter() - t0
         if "densenet" in parts:
             t0 = time.perf_counter()
-            rows += [("drmad_K=T:densenet", *r) for r in check_drmad(problem, hypers, seed=seed, eps=eps)]
+            rows += [("drmad_K=T:densenet", *r) for r in check_drmad(problem, hypers, seed=seed, eps=eps, hvp=hvp)]
             timings["densenet_s"] = time.perf_counter() - t0
         if "exact" in parts:
             t0 = time.perf_counter()
-            rows += [("exact:densenet", *r) for r in check_exact(problem, hypers, seed=seed, eps=eps)]
+            rows += [("exact:densenet", *r) for r in check_exact(problem, hypers, seed=seed, eps=eps, hvp=hvp)]
             timings["exact_s"] = time.perf_counter() - t0
     if "adaptive" in parts:
         from gpu_ver import adaptive  # noqa: PLC0415
@@ -173,6 +174,9 @@ def add_check_arguments(p):
     p.add_argument("--densenet-iters", type=int, default=6, help="training steps of the DenseNet check problem")
     p.add_argument("--eps", type=float, default=1e-3, help="relative finite-difference step")
     p.add_argument("--tol", type=float, default=1e-6)
+    from gpu_ver.meta import add_hvp_argument  # noqa: PLC0415 (no Theano)
+
+    add_hvp_argument(p)
 
 
 add_check_args = add_check_arguments      # the registry's spelling (gpu_ver/__main__.py)
@@ -182,10 +186,13 @@ def run_check(args) -> int:
     from shared import records  # noqa: PLC0415
     from gpu_ver.meta import _argv, _config  # noqa: PLC0415
 
+    from gpu_ver.meta import check_hvp_option  # noqa: PLC0415
+
+    check_hvp_option(args)
     parts = tuple(p for p in str(args.parts).split(",") if p)
     t0 = time.perf_counter()
     rows, timings = run_checks(parts, seed=args.seed, T_mlp=args.iters, T_densenet=args.densenet_iters,
-                               eps=args.eps)
+                               eps=args.eps, hvp=args.hvp)
     timings["total_s"] = time.perf_counter() - t0
     print_table(rows, args.tol)
     worst = {}

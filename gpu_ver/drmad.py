@@ -260,11 +260,12 @@ class DrMAD:
     """
 
     def __init__(self, problem: Problem, hypers: HyperParams, *, K: int = 1, grid: str = "t/T",
-                 velocity: str = "reconstruct", hvp: str = "ror"):
+                 velocity: str = "reconstruct", hvp: str = M.DEFAULT_HVP):
         if grid not in GRIDS:
             raise ConfigError(f"DrMAD grid must be one of {GRIDS}, got {grid!r}")
         if velocity not in VELOCITIES:
             raise ConfigError(f"DrMAD velocity must be one of {VELOCITIES}, got {velocity!r}")
+        M.check_hvp_method(hvp)
         check_fits(hypers, problem.layout, problem.n_iters)
         check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
         self.problem, self.grid, self.velocity, self.hvp = problem, grid, velocity, hvp
@@ -521,9 +522,10 @@ def _bar(total, desc, enabled):
 
 
 def hypergradient(problem: Problem, hypers: HyperParams, *, K: int = 1, grid: str = "t/T",
-                  velocity: str = "reconstruct", progress: bool = False) -> Result:
+                  velocity: str = "reconstruct", hvp: str = M.DEFAULT_HVP, progress: bool = False) -> Result:
     """One-shot convenience: compile an engine and compute one hypergradient."""
-    return DrMAD(problem, hypers, K=K, grid=grid, velocity=velocity).hypergradient(hypers, progress=progress)
+    return DrMAD(problem, hypers, K=K, grid=grid, velocity=velocity, hvp=hvp).hypergradient(hypers,
+                                                                                           progress=progress)
 
 
 # --------------------------------------------------------------------------- memory

@@ -78,13 +78,15 @@ def run_hypergrad(args) -> int:
                               "or --velocity reconstruct")
     plan = []                                            # (name, build the engine) in order
     if args.method in ("exact", "all"):
-        plan.append(("exact", lambda: R.Reversible(problem, hypers)))
+        plan.append(("exact", lambda: R.Reversible(problem, hypers, hvp=args.hvp)))
     if args.method == "drmad":
         plan.append((completion_name(args.K, args.grid, args.velocity),
-                     lambda: D.DrMAD(problem, hypers, K=args.K, grid=args.grid, velocity=args.velocity)))
+                     lambda: D.DrMAD(problem, hypers, K=args.K, grid=args.grid, velocity=args.velocity,
+                                     hvp=args.hvp)))
     if args.method == "all":
         plan += [(completion_name(args.K, g, v), lambda g=g, v=v: D.DrMAD(problem, hypers, K=args.K, grid=g,
-                                                                            velocity=v)) for g, v in COMPLETIONS]
+                                                                            velocity=v, hvp=args.hvp))
+                 for g, v in COMPLETIONS]
     timings = {"setup_s": time.perf_counter() - t0}
     results = {}
     for name, make in plan:

@@ -190,6 +190,22 @@ MLP_DATASETS = ("digits", "mnist", "mnist-t10k", "synthetic")
 IMAGE_DATASETS = ("synthetic-images", "cifar10")
 
 
+HVP_CHOICES, HVP_DEFAULT = ("ror", "rop"), "ror"   # gpu_ver.models.HVP_METHODS / DEFAULT_HVP (tested equal)
+
+
+def add_hvp_argument(p):
+    """``--hvp``: the reverse step's Hessian-vector product (``gpu_ver.models.symbolic_grad_and_hvp``)."""
+    p.add_argument("--hvp", default=HVP_DEFAULT, metavar="ror|rop",
+                   help="Hessian-vector product of the reverse step: ror (reverse over reverse, the default) or "
+                        "rop (forward over reverse); equal to rounding")
+
+
+def check_hvp_option(args) -> None:
+    """ConfigError (one line, exit 2) for an ``--hvp`` that is not ror or rop."""
+    if getattr(args, "hvp", HVP_DEFAULT) not in HVP_CHOICES:
+        raise ConfigError(f"--hvp must be one of {', '.join(HVP_CHOICES)}, got {args.hvp!r}")
+
+
 def add_problem_arguments(p, iters=100, batch=100):
     """Options shared by ``drmad`` (model, data, training, hyperparameters, DrMAD variant)."""
     p.add_argument("--model", default="mlp", choices=("mlp", "densenet"))
@@ -221,6 +237,7 @@ def add_problem_arguments(p, iters=100, batch=100):
     p.add_argument("--K", type=int, default=1, help="checkpoint segments (1 = DrMAD, T = every step stored)")
     p.add_argument("--grid", default="t/T", choices=("t/T", "cumlr"))
     p.add_argument("--velocity", default="reconstruct", choices=("reconstruct", "ignore"))
+    add_hvp_argument(p)
     p.add_argument("--val-chunk", type=int, default=1000,
                    help="validation split evaluated in near-equal chunks of at most this size")
 
@@ -246,6 +263,7 @@ add_drmad_args = add_drmad_arguments      # the registry's spelling (gpu_ver/__m
 
 def build_problem(args):
     """(problem, hypers, data description) from parsed options; ConfigError for bad input."""
+    check_hvp_option(args)
     from gpu_ver import drmad as D  # noqa: PLC0415 (loads Theano)
     from gpu_ver import models as M  # noqa: PLC0415
     from shared import datasets  # noqa: PLC0415
@@ -323,9 +341,9 @@ def run_drmad(args) -> int:
     if getattr(args, "method", "drmad") == "exact":
         from gpu_ver import reversible as R  # noqa: PLC0415
 
-        engine = R.Reversible(problem, hypers)
+        engine = R.Reversible(problem, hypers, hvp=args.hvp)
     else:
-        engine = D.DrMAD(problem, hypers, K=args.K, grid=args.grid, velocity=args.velocity)
+        engine = D.DrMAD(problem, hypers, K=args.K, grid=args.grid, velocity=args.velocity, hvp=args.hvp)
     timings = {"setup_s": time.perf_counter() - t0 - engine.compile_s, "compile_s": engine.compile_s}
     config = {**_config(args), "data": data_desc, "problem": problem.describe(), "floatX": D.floatX()}
     records.make_run_dir(out)

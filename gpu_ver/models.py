@@ -439,9 +439,17 @@ def block_dot(a, b):
 
 
 HVP_METHODS = ("ror", "rop")
+DEFAULT_HVP = "ror"     # rop is equal to rounding but no faster on DenseNet-40 (docs/MEASUREMENTS.md s.3)
 
 
-def symbolic_grad_and_hvp(model, w, X, y, l2, v, hvp="ror"):
+def check_hvp_method(hvp: str) -> str:
+    """``hvp`` if it is one of ``HVP_METHODS``, else ConfigError naming it."""
+    if hvp not in HVP_METHODS:
+        raise ConfigError(f"Hessian-vector product must be one of {', '.join(HVP_METHODS)}, got {hvp!r}")
+    return hvp
+
+
+def symbolic_grad_and_hvp(model, w, X, y, l2, v, hvp=DEFAULT_HVP):
     """(grad_w L, CE, H v, 2 w v) sharing one forward and one backward pass.
 
     ``hvp="ror"`` (reverse over reverse): H v = grad_w (grad_w CE . v) + 2 l2 v,
@@ -451,8 +459,7 @@ def symbolic_grad_and_hvp(model, w, X, y, l2, v, hvp="ror"):
     the same matrix-vector product and agree to rounding (tested). 2 w v is the mixed
     term (d grad_w L / d l2)^T v (diagonal).
     """
-    if hvp not in HVP_METHODS:
-        raise ConfigError(f"Hessian-vector product must be one of {', '.join(HVP_METHODS)}, got {hvp!r}")
+    check_hvp_method(hvp)
     nll, blocks, _ = _nll_and_blocks(model, w, X, y)
     g = grad(nll, blocks)
     if hvp == "rop":
@@ -462,7 +469,7 @@ def symbolic_grad_and_hvp(model, w, X, y, l2, v, hvp="ror"):
     return flat(g) + 2 * l2 * w, nll, hv_ce + 2 * l2 * v, 2 * w * v
 
 
-def symbolic_hvp(model, w, X, y, l2, v, hvp="ror"):
+def symbolic_hvp(model, w, X, y, l2, v, hvp=DEFAULT_HVP):
     """(H v, 2 w v) with H = d^2 L / dw^2 (``symbolic_grad_and_hvp``'s two methods)."""
     _, _, hv, mix = symbolic_grad_and_hvp(model, w, X, y, l2, v, hvp)
     return hv, mix
@@ -475,11 +482,12 @@ class Functions:
     Each is compiled the first time it is called and kept. Batch norm uses
     batch statistics throughout (as in training and in hypergradients);
     ``logits(w, X, bn_stats)`` takes running averages for evaluation.
-    ``l2`` may be a scalar or a per-parameter vector.
+    ``l2`` may be a scalar or a per-parameter vector; ``hvp``: the method of ``hvp``
+    (``symbolic_grad_and_hvp``).
     """
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, hvp: str = DEFAULT_HVP):
+        self.model, self.hvp_method = model, check_hvp_method(hvp)
         self.fx = floatX()
         self._fns = {}
 
@@ -498,7 +506,7 @@ class Functions:
                 g, nll, _ = symbolic_grad(m, w, X, y, l2)
                 ins, outs = [w, l2, X, y], [g, nll]
             elif name == "hvp":
-                ins, outs = [w, l2, X, y, v], list(symbolic_hvp(m, w, X, y, l2, v))
+                ins, outs = [w, l2, X, y, v], list(symbolic_hvp(m, w, X, y, l2, v, self.hvp_method))
             elif name == "logits":
                 stats = [(T.vector(f"mu{i}"), T.vector(f"var{i}")) for i in range(m.n_bn)]
                 logits, _ = m.forward(split(w, m.layout), X, stats if stats else None)

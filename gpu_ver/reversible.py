@@ -39,9 +39,14 @@ point: it differs from the exact ``v_t`` of the host by rounding only.
 
 Bit-exact reversal needs the ``g_t`` of the reverse step's graph to be the same
 float, bit for bit, as the forward gradient's, although the two are different
-compiled functions; on the C backend they are (the gradient subgraph is the same
-ops on the same inputs, BLAS calls of the same shapes; tests check it, and the
-per-step fingerprints would name the step where it failed). ``info`` reports the
+compiled functions; on the C backend they are with ``hvp="ror"`` (the gradient
+subgraph is the same ops on the same inputs, BLAS calls of the same shapes; tests
+check it, and the per-step fingerprints would name the step where it failed). With
+``hvp="rop"`` they are not on the DenseNet (the R-operator's nodes read the
+gradient's intermediates, and the optimiser then rewrites the shared subgraph
+differently: about half the entries differ by 1e-17), so the exact division takes
+``g_t`` from the forward pass's own compiled gradient, one more gradient per
+reverse step; the reverse graph's ``g_t`` only enters dgamma (rounding). ``info`` reports the
 buffer in bits against the information floor.
 
 Hyperparameters: everything ``gpu_ver.drmad`` supports (L2 per parameter, unit,
@@ -94,7 +99,7 @@ class SymbolicStep:
     l2: object
 
 
-def adjoint_step(model, step: SymbolicStep, X, y, w_t, v_next, adj: Adjoint, hvp: str = "ror"):
+def adjoint_step(model, step: SymbolicStep, X, y, w_t, v_next, adj: Adjoint, hvp: str = M.DEFAULT_HVP):
     """One reverse step of the hypergradient recursion as a Theano graph (the recursion of
     ``cpu_ver.reversible.adjoint_step``, eqs. 4 and 7-12 of docs/ALGORITHMS.md).
 
@@ -126,7 +131,8 @@ class Reversible:
 
     velocity = "reconstruct"     # every group has a hypergradient (``gpu_ver.meta.run`` asks DrMAD engines)
 
-    def __init__(self, problem: Problem, hypers: HyperParams, *, buffer: str = "vector", hvp: str = "ror"):
+    def __init__(self, problem: Problem, hypers: HyperParams, *, buffer: str = "vector", hvp: str = M.DEFAULT_HVP):
+        M.check_hvp_method(hvp)
         check_fits(hypers, problem.layout, problem.n_iters)
         D.check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
         if buffer not in ("vector", "numpy", "int"):
@@ -248,6 +254,7 @@ class Reversible:
         for s in (a.dv, a.dl2, a.dlr, a.dmom):
             s.set_value(np.zeros_like(s.get_value(borrow=True)))
         bar = D._bar(p.n_iters, "exact reverse", progress)
+        hypers_l2 = hypers.per_param("l2")
         for t in reversed(range(p.n_iters)):
             s = schedule(hypers, t)
             X, y = p.batch(t)
@@ -256,6 +263,8 @@ class Reversible:
             g, nll, chk = self.f_reverse(X, y, t, W.val.astype(fx), v_next.astype(fx))
             if not np.isfinite(chk):
                 raise NonFiniteError("hypergradient (dw)", t, f"training loss at w_t {float(nll)}")
+            if self.hvp == "rop":        # the forward pass's own function: the same g bit for bit
+                g = self.grad(W.val, hypers_l2, X, y)
             V.add((1.0 - s.gamma) * np.asarray(g, np.float64), t).div(s.n, t)
             check_step(W, V, traj, t)
             bar.update(1)
@@ -327,11 +336,11 @@ class Reversible:
 
 
 # --------------------------------------------------------------------------- cpu_ver's API
-def engine(problem: Problem, hypers: HyperParams, buffer: str = "vector") -> Reversible:
-    """The compiled engine for ``problem`` and these hyperparameter shapes (kept on the problem)."""
-    key = ("reversible", buffer, tuple(hypers.group(n).shape for n in D.GROUPS))
+def engine(problem: Problem, hypers: HyperParams, buffer: str = "vector", hvp: str = M.DEFAULT_HVP) -> Reversible:
+    """The compiled engine for ``problem``, these hyperparameter shapes and this HVP method (kept on the problem)."""
+    key = ("reversible", buffer, tuple(hypers.group(n).shape for n in D.GROUPS), hvp)
     if key not in problem._cache:
-        problem._cache[key] = Reversible(problem, hypers, buffer=buffer)
+        problem._cache[key] = Reversible(problem, hypers, buffer=buffer, hvp=hvp)
     return problem._cache[key]
 
 
@@ -347,9 +356,10 @@ def reverse(problem: Problem, hypers, traj: Trajectory, *, progress: bool = Fals
     return eng.reverse(hypers, traj, progress=progress)
 
 
-def hypergradient(problem: Problem, hypers, *, buffer: str = "vector", progress: bool = False) -> HypergradResult:
+def hypergradient(problem: Problem, hypers, *, buffer: str = "vector", hvp: str = M.DEFAULT_HVP,
+                  progress: bool = False) -> HypergradResult:
     """Exact hypergradient of the meta-objective: forward then reverse."""
-    return engine(problem, hypers, buffer).hypergradient(hypers, progress=progress)
+    return engine(problem, hypers, buffer, hvp).hypergradient(hypers, progress=progress)
 
 
 def information_floor_bits(problem: Problem, hypers) -> float:

@@ -58,6 +58,7 @@ def test_drmad_alone_reports_one_completion(tmp_path):
     (["--method", "exact", "--K", "13"], "--K 13 exceeds --iters 12"),
     (["--method", "drmad", "--velocity", "ignore"], "--velocity ignore gives no hypergradient"),
     (["--method", "exact", "--momentum", "1.5"], "--momentum"),
+    (["--method", "exact", "--hvp", "fwd"], "--hvp"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
     out = tmp_path / "bad"

@@ -67,6 +67,25 @@ def test_mlp_exact_matches_cpu_exact(mlp):
     assert CC.rel_diff(rg.grad_w0, rc.grad_w0) <= 1e-12
 
 
+def test_mlp_exact_with_forward_over_reverse(mlp):
+    """hvp="rop": g_t for the exact division comes from the forward gradient function, so the
+    reversal stays bit-exact; the hypergradient equals reverse over reverse's to rounding."""
+    cp, gp, hypers = mlp
+    rop, ror = R.hypergradient(gp, hypers, hvp="rop"), R.hypergradient(gp, hypers)
+    assert rop.info["reversal_max_abs_error"] == 0.0
+    for k, v in ror.grads.items():
+        assert CC.rel_diff(rop.grads[k], v) <= 1e-12, k
+
+
+@pytest.mark.slow   # a second cold compile of the DenseNet reverse step
+def test_densenet_reversal_with_forward_over_reverse_is_bit_exact(dense):
+    """The rop reverse graph's own g_t is not the forward one bit for bit on the DenseNet;
+    the reversal takes g_t from the forward function and stays exact."""
+    problem, hypers, _ = dense
+    res = R.hypergradient(problem, hypers, hvp="rop")
+    assert res.info["reversal_max_abs_error"] == 0.0
+
+
 def test_drmad_with_every_step_stored_equals_exact(mlp):
     """K = T: every w_t is a stored point and eq. 25 recovers each velocity to rounding
     (relative error about eps |w| / |alpha v| per step), so every group agrees far below 1e-10."""
@@ -88,7 +107,10 @@ def dense():
 
 @pytest.mark.slow   # cold compile of the DenseNet reverse step / float32 process: minutes on 2 cores (suite < 15 min)
 def test_gradient_is_bit_reproducible_and_the_reverse_graph_agrees(dense):
-    problem, hypers, eng = dense
+    """With hvp="ror" the reverse step's own g_t is the forward one bit for bit (with "rop"
+    it is not, and the reversal takes g_t from the forward function: the reversal test)."""
+    problem, hypers, _ = dense
+    eng = R.engine(problem, hypers, hvp="ror")
     eng.set_hypers(hypers)
     rng = np.random.default_rng(3)
     w = problem.w0(hypers) + 0.05 * rng.standard_normal(problem.layout.size)
