@@ -21,11 +21,16 @@ hypergradients and leaves the recursion of dw, dv and dl2 unchanged, so its L2 a
 initial-scale hypergradients equal ``reconstruct``'s; it is run once per (T, momentum)
 at K = 1, grid t/T, and ``ignore_max_rel_diff`` reports that difference.
 
-  --quick   T = 100, 250; momenta 0.5, 0.9, 0.99; K = 1, 4, 16, T (a few minutes
-            once the compiled functions are cached)
-  default   T = 100, 300, 1000 (--steps)
+  --quick   T = 50, 100; momenta 0.5, 0.9, 0.99; K = 1, 4, T (about 4 minutes on
+            a loaded 2-core machine once the compiled functions are cached; the
+            first run compiles the reverse steps, about 3 minutes)
+  default   T = 100, 300, 1000 (--steps), K = 1, 4, 16, T (--K), the three momenta
+            (--momenta)
   --json FILE, --plot FILE (PNG: cosine and sign agreement against T, one panel per
-            group and momentum, one line per K and grid)
+            group and momentum, one line per K and grid); --plot-from FILE... draws
+            the plot from the rows of earlier --json files (the figures are
+            deterministic, so runs of parts of the grid in separate processes
+            combine into one study).
 """
 from __future__ import annotations
 
@@ -109,7 +114,7 @@ def plot(path, rows, title) -> Path:
     moms = sorted({r["momentum"] for r in rows})
     Ts = sorted({r["T"] for r in rows})
     series = sorted({("T" if r["K"] == r["T"] else r["K"], r["grid"]) for r in rows},
-                    key=lambda s: (s[0] == "T", s[0] if s[0] != "T" else 0, s[1]))
+                    key=lambda s: (s[0] == "T", s[0] if s[0] != "T" else 0, GRIDS.index(s[1])))
     ks = [k for k in dict.fromkeys(s[0] for s in series)]
     colours = dict(zip(ks, plt.cm.viridis(np.linspace(0, 0.9, len(ks)))))
     metrics = (("cosine", "cosine similarity"), ("sign_agreement", "sign agreement"))
@@ -146,12 +151,34 @@ def plot(path, rows, title) -> Path:
                 if gi == len(GROUPS) - 1 and mi == 1:
                     ax.set_xlabel("training steps T")
     h, lab = axes[0, 0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="upper center", ncol=min(len(lab), 7), fontsize=9, bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle(title, y=1.0 - 0.5 / fig.get_figheight(), fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 1.0 / fig.get_figheight()))
+    H = fig.get_figheight()
+    fig.suptitle(title, y=1.0 - 0.12 / H, fontsize=11)
+    fig.legend(h, lab, loc="upper center", ncol=min(len(lab), 7), fontsize=9, bbox_to_anchor=(0.5, 1.0 - 0.4 / H))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / H))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+TITLE = ("DrMAD completions vs the exact hypergradient - DenseNet depth 7 growth 4 (batch norm), "
+         "8x8 synthetic, lr 0.05 -> 0.01 per step")
+
+
+def replot(files, out) -> int:
+    """--plot-from: the rows of earlier --json files (later files replace equal cases) in one plot."""
+    if not out:
+        print("error: --plot-from needs --plot FILE", file=sys.stderr)
+        return 2
+    rows = {}
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())["rows"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: --plot-from {f}: not a --json file of this script ({type(e).__name__})", file=sys.stderr)
+            return 2
+        rows.update({(r["T"], r["momentum"], r["K"], r["grid"]): r for r in data})
+    print(f"plot: {plot(out, list(rows.values()), TITLE)} ({len(rows)} completions from {len(files)} files)")
+    return 0
 
 
 # --------------------------------------------------------------------------- main
@@ -170,16 +197,19 @@ def _ints(text, option, allow_T=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="T = 100, 250 (a few minutes)")
-    ap.add_argument("--steps", help="comma-separated T (default 100,300,1000; quick 100,250)")
+    ap.add_argument("--quick", action="store_true", help="T = 50, 100, K = 1, 4, T (a few minutes)")
+    ap.add_argument("--steps", help="comma-separated T (default 100,300,1000; quick 50,100)")
     ap.add_argument("--momenta", default="0.5,0.9,0.99", help="comma-separated momenta in (0, 1)")
-    ap.add_argument("--K", default="1,4,16,T", help="comma-separated K (T: every step stored)")
+    ap.add_argument("--K", help="comma-separated K (T: every step stored; default 1,4,16,T; quick 1,4,T)")
     ap.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     ap.add_argument("--plot", metavar="FILE", help="write the PNG to FILE")
+    ap.add_argument("--plot-from", nargs="+", metavar="JSON", help="no runs: plot the rows of these --json files")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        return replot(args.plot_from, args.plot)
     try:
-        Ts = _ints(args.steps or ("100,250" if args.quick else "100,300,1000"), "--steps")
-        ks = _ints(args.K, "--K", allow_T=True)
+        Ts = _ints(args.steps or ("50,100" if args.quick else "100,300,1000"), "--steps")
+        ks = _ints(args.K or ("1,4,T" if args.quick else "1,4,16,T"), "--K", allow_T=True)
         try:
             moms = [float(m) for m in args.momenta.split(",")]
         except ValueError:
@@ -209,10 +239,8 @@ def main(argv=None):
     print(f"K = T (every step stored) against exact: worst cosine {worst_full:.12f}; velocity ignore vs "
           f"reconstruct (l2, init_scale): max relative difference {ign:.2e}")
     print(f"total {time.perf_counter() - t0:.0f} s")
-    title = ("DrMAD completions vs the exact hypergradient - DenseNet depth 7 growth 4 (batch norm), "
-             "8x8 synthetic, lr 0.05 -> 0.01 per step")
     if args.plot:
-        print(f"plot: {plot(args.plot, rows, title)}")
+        print(f"plot: {plot(args.plot, rows, TITLE)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "cases": per_case, "k_equals_T_worst_cosine": worst_full,
                                                "ignore_max_rel_diff": ign,
