@@ -21,9 +21,11 @@ hypergradients and leaves the recursion of dw, dv and dl2 unchanged, so its L2 a
 initial-scale hypergradients equal ``reconstruct``'s; it is run once per (T, momentum)
 at K = 1, grid t/T, and ``ignore_max_rel_diff`` reports that difference.
 
-  --quick   T = 50, 100; momenta 0.5, 0.9, 0.99; K = 1, 4, T (about 4 minutes on
-            a loaded 2-core machine once the compiled functions are cached; the
-            first run compiles the reverse steps, about 3 minutes)
+  --quick   T = 50, 100; momenta 0.5, 0.9, 0.99; K = 1, 4, T. Loading the compiled
+            engines dominates short runs, so the engines of one T serve every
+            momentum; before that, --quick did not finish within 15 minutes on the
+            loaded 2-core machine, and it has not been timed since (the first run
+            also compiles the reverse steps, about 3 minutes)
   default   T = 100, 300, 1000 (--steps), K = 1, 4, 16, T (--K), the three momenta
             (--momenta)
   --json FILE, --plot FILE (PNG: cosine and sign agreement against T, one panel per
@@ -71,15 +73,25 @@ def k_values(ks, T) -> list:
     return sorted({T if k == "T" else min(int(k), T) for k in ks})
 
 
-def study_one(T: int, momentum: float, ks, log=print) -> dict:
-    """Exact and every completion at (T, momentum): {'rows': [...], 'ignore_max_rel_diff', timings}."""
+def study_one(T: int, momentum: float, ks, log=print, engines=None) -> dict:
+    """Exact and every completion at (T, momentum): {'rows': [...], 'ignore_max_rel_diff', timings}.
+
+    ``engines``: a dict kept between calls; the compiled engines of one T serve every
+    momentum (only the hyperparameter values change), which saves loading them again."""
     from gpu_ver import drmad as D  # noqa: PLC0415
     from gpu_ver import reversible as R  # noqa: PLC0415
     from gpu_ver.hypergrad_cli import compare  # noqa: PLC0415
 
+    engines = {} if engines is None else engines
     problem, H = make(T, momentum)
+
+    def get(key, build):
+        if key not in engines:
+            engines[key] = build()
+        return engines[key]
+
     t0 = time.perf_counter()
-    ex = R.Reversible(problem, H).hypergradient(H)
+    ex = get((T, "exact"), lambda: R.Reversible(problem, H)).hypergradient(H)
     t_exact = time.perf_counter() - t0
     assert ex.info["reversal_max_abs_error"] == 0.0
     rows = []
@@ -88,12 +100,13 @@ def study_one(T: int, momentum: float, ks, log=print) -> dict:
             if K == T and grid == "cumlr":
                 continue                  # every step stored: the grid is never used
             t0 = time.perf_counter()
-            d = D.DrMAD(problem, H, K=K, grid=grid, velocity="reconstruct").hypergradient(H)
+            d = get((T, K, grid, "reconstruct"),
+                    lambda: D.DrMAD(problem, H, K=K, grid=grid, velocity="reconstruct")).hypergradient(H)
             rows.append({"T": T, "momentum": momentum, "K": K, "grid": grid, "seconds": time.perf_counter() - t0,
                          "agreement": compare(ex.grads, d.grads, GROUPS)})
             if K == 1 and grid == "t/T":
                 ref = d
-    ign = D.DrMAD(problem, H, K=1, grid="t/T", velocity="ignore").hypergradient(H)
+    ign = get((T, 1, "t/T", "ignore"), lambda: D.DrMAD(problem, H, K=1, grid="t/T", velocity="ignore")).hypergradient(H)
     diff = max(float(np.linalg.norm(ign.grads[g] - ref.grads[g]) / np.linalg.norm(ref.grads[g]))
                for g in ("l2", "init_scale"))
     for r in rows:
@@ -240,8 +253,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows, per_case = [], []
     for T in Ts:
+        engines = {}
         for m in moms:
-            one = study_one(T, m, ks)
+            one = study_one(T, m, ks, engines=engines)
             rows += one.pop("rows")
             per_case.append({"T": T, "momentum": m, **one})
     worst_full = min((r["agreement"][g]["cosine"] for r in rows if r["K"] == r["T"] for g in GROUPS),
