@@ -23,9 +23,9 @@ at K = 1, grid t/T, and ``ignore_max_rel_diff`` reports that difference.
 
   --quick   T = 50, 100; momenta 0.5, 0.9, 0.99; K = 1, 4, T. Loading the compiled
             engines dominates short runs, so the engines of one T serve every
-            momentum; before that, --quick did not finish within 15 minutes on the
-            loaded 2-core machine, and it has not been timed since (the first run
-            also compiles the reverse steps, about 3 minutes)
+            momentum: 7 minutes on the loaded 2-core machine (418 s; without that
+            reuse it did not finish in 15); the first run also compiles the
+            reverse steps, about 3 minutes more
   default   T = 100, 300, 1000 (--steps), K = 1, 4, 16, T (--K), the three momenta
             (--momenta)
   --json FILE, --plot FILE (PNG: cosine and sign agreement against T, one panel per
