@@ -349,8 +349,8 @@ def start_from_hypers(args, layout) -> dict:
         if name not in h:
             continue
         a = h.with_cover({}).per_param(name, 0)       # values also where the coverage sets 0 (unused)
-        m = coverage_mask(layout, h.coverage(name))
-        cov = np.ones(a.size, bool) if m is None else m > 0
+        cmask = coverage_mask(layout, h.coverage(name))
+        cov = np.ones(a.size, bool) if cmask is None else cmask > 0
         first = a[cov][0] if np.any(cov) else (a[0] if a.size else 0.0)
         if a.size and np.all(a[cov] == first):
             out[name] = float(first)              # one value on the covered parameters
