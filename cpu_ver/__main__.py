@@ -54,6 +54,7 @@ def _problem_options(p, iters=100, batch=100):
     p.add_argument("--momentum", type=float, default=0.9, help="initial momentum, in (0, 1)")
     p.add_argument("--l2", type=float, default=1e-4, help="initial L2 strength (> 0)")
     p.add_argument("--l2-shape", default="param", choices=("scalar", "block", "param"))
+    cli.add_l2_on_argument(p.add_argument)
     p.add_argument("--lr-shape", default="iter_block", choices=("scalar", "block", "iter", "iter_block"))
     p.add_argument("--momentum-shape", default="iter_block", choices=("scalar", "block", "iter", "iter_block"))
     p.add_argument("--objective", default="val", choices=("val", "train"),
@@ -91,9 +92,9 @@ def build(args):
                                    batch_seed=args.seed, init_seed=args.seed, meta_objective=args.objective)
     hypers = standard(model.layout, args.iters, lr=args.lr, momentum=args.momentum, l2=args.l2,
                       init_scales=model.default_init_scales(), groups=groups, l2_shape=args.l2_shape,
-                      lr_shape=args.lr_shape, momentum_shape=args.momentum_shape)
+                      lr_shape=args.lr_shape, momentum_shape=args.momentum_shape, l2_on=args.l2_on)
     if getattr(args, "hypers_from", None):
-        hypers = load_for_run(args.hypers_from, model.layout, args.iters, groups)
+        hypers = load_for_run(args.hypers_from, model.layout, args.iters, groups, l2_on=args.l2_on)
     return problem, hypers, data
 
 

@@ -121,6 +121,8 @@ from shared.online import check_validation_split, curve_arrays, record_due, rest
 from shared.online import check_clip as _check_clip
 from shared.online import check_decay as _check_decay
 from shared.online import check_l2 as _check_l2
+from shared.coverage import check_coverage
+from shared.coverage import mask as coverage_mask
 from shared.online import check_meta_step as _check_meta_step
 from shared.online import check_positive as _check_positive
 
@@ -527,12 +529,13 @@ class _T1T2Config(NamedTuple):
     at: str
     clip: Optional[float]
     meta_opt: str
+    mask: Optional[np.ndarray] = None      # --l2-on: 0/1 per parameter (None: every parameter)
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
 
 
-def _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt):
+def _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on="all"):
     meta_lr = _check_meta_step("meta_lr", meta_lr)
     if not isinstance(every, (int, np.integer)) or every < 1:
         raise ConfigError(f"hyper-step interval must be an integer >= 1, got {every!r}")
@@ -540,7 +543,14 @@ def _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt):
         raise ConfigError(f"T1-T2: 'at' must be 'next' (exact, w_t+1) or 'current' (w_t), got {at!r}")
     if meta_opt not in ("adam", "sgd"):
         raise ConfigError(f"T1-T2 meta optimiser must be 'adam' or 'sgd', got {meta_opt!r}")
-    return _T1T2Config(make_grouping(layout, l2_groups), meta_lr, int(every), at, _check_clip(clip), meta_opt)
+    return _T1T2Config(make_grouping(layout, l2_groups), meta_lr, int(every), at, _check_clip(clip), meta_opt,
+                       coverage_mask(layout, check_coverage(l2_on, "l2_on")))
+
+
+def _t1t2_l2(c: _T1T2Config, s) -> np.ndarray:
+    """Per-parameter L2 strengths m * expand(exp(s)) (m: the --l2-on mask, 1 without one)."""
+    l2 = np.broadcast_to(expand(c.gr, np.exp(s)), (c.gr.layout.size,))
+    return l2.copy() if c.mask is None else l2 * c.mask
 
 
 def _t1t2_init(c: _T1T2Config, l2_init):
@@ -548,13 +558,15 @@ def _t1t2_init(c: _T1T2Config, l2_init):
     _check_positive("initial L2 strength (log space)", l2_init)
     s = np.log(np.broadcast_to(l2_init, (c.gr.n,))).copy()
     z = np.zeros(c.gr.n)
-    return T1T2State(0, s, np.broadcast_to(expand(c.gr, np.exp(s)), (c.gr.layout.size,)).copy(), z, z, z, 0)
+    return T1T2State(0, s, _t1t2_l2(c, s), z, z, z, 0)
 
 
 def _t1t2_hypergradient(c: _T1T2Config, st: T1T2State, w, w_new, eta, val_grad):
-    """dC2(w_{t+1})/ds = -reduce(eta * grad C2 * 2 w_t) * exp(s) (exact for at='next')."""
+    """dC2(w_{t+1})/ds = -reduce(m * eta * grad C2 * 2 w_t) * exp(s) (exact for at='next'; m: the
+    --l2-on mask, so a group of uncovered parameters gets 0)."""
     gv = val_grad(w_new if c.at == "next" else w)
-    return reduce(c.gr, -2.0 * (eta * gv) * w) * np.exp(st.s)
+    x = -2.0 * (eta * gv) * w
+    return reduce(c.gr, x if c.mask is None else x * c.mask) * np.exp(st.s)
 
 
 def _t1t2_after_step(c: _T1T2Config, st: T1T2State, w, w_new, eta, info) -> T1T2State:
@@ -574,17 +586,17 @@ def _t1t2_after_step(c: _T1T2Config, st: T1T2State, w, w_new, eta, info) -> T1T2
         step = hg
     s = st.s - c.meta_lr * step
     _finite("log L2 strength", s, t)
-    l2 = np.broadcast_to(expand(c.gr, np.exp(s)), w.shape)
-    return T1T2State(t + 1, s, l2, hg, m, v, k + 1)
+    return T1T2State(t + 1, s, _t1t2_l2(c, s), hg, m, v, k + 1)
 
 
 def t1t2(layout, lr=0.1, l2_init=1e-4, l2_groups="block", meta_lr=1e-2, every=1, at="next",
-         clip=None, meta_opt="adam") -> Method:
-    """T1-T2: plain SGD on the training loss, per-group log L2 from the validation loss."""
+         clip=None, meta_opt="adam", l2_on="all") -> Method:
+    """T1-T2: plain SGD on the training loss, per-group log L2 from the validation loss
+    (on the parameters ``l2_on`` covers; the others keep L2 = 0)."""
     lr = float(_check_positive("learning rate", lr))
-    c = _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt)
+    c = _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on)
     cfg = dict(lr=lr, l2_init=np.asarray(l2_init).tolist(), l2_groups=c.gr.kind, meta_lr=c.meta_lr,
-               every=c.every, at=at, clip=c.clip, meta_opt=meta_opt)
+               every=c.every, at=at, clip=c.clip, meta_opt=meta_opt, l2_on=l2_on)
 
     def init(w0):
         return _t1t2_init(c, l2_init)
@@ -602,18 +614,18 @@ class CombinedState(NamedTuple):
 
 
 def combined(layout, lr=1e-2, beta=1e-2, lr_granularity="param", l2_init=1e-4, l2_groups="param",
-             meta_lr=1e-2, every=1, at="next", clip=None, meta_opt="adam") -> Method:
+             meta_lr=1e-2, every=1, at="next", clip=None, meta_opt="adam", l2_on="all") -> Method:
     """Per-parameter log-space SGD-HD rates and T1-T2 log L2 strengths in one run.
 
     Step t: g_t = grad C1(w_t, lambda_t); s_t = s_{t-1} - beta alpha_{t-1} (-g_t u_{t-1});
     w_{t+1} = w_t - alpha_t g_t; every ``every`` steps a T1-T2 step with eta = alpha_t.
     """
-    c = _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt)
+    c = _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on)
     hd = hypergradient_descent(layout, "sgd", lr, beta, lr_granularity, log_space=True, clip=clip)
     gr_lr = make_grouping(layout, lr_granularity)
     cfg = dict(lr=np.asarray(lr).tolist(), beta=beta, lr_granularity=gr_lr.kind, log_space=True,
                l2_init=np.asarray(l2_init).tolist(), l2_groups=c.gr.kind, meta_lr=c.meta_lr,
-               every=c.every, at=at, clip=c.clip, meta_opt=meta_opt)
+               every=c.every, at=at, clip=c.clip, meta_opt=meta_opt, l2_on=l2_on)
 
     def init(w0):
         return CombinedState(hd.init(w0), _t1t2_init(c, l2_init))
@@ -723,6 +735,8 @@ def one_step_hypergradient(method: Method, model, w, state, batch, next_batch, v
         reg0 = state.reg if name == "combined" else state
         c = method.config
         gr = make_grouping(model.layout, c["l2_groups"])
+        cm = coverage_mask(model.layout, c.get("l2_on", "all"))
+        cm = 1.0 if cm is None else cm
         eta = method.lr(s1) if name == "combined" else c["lr"]
         Xb, yb = batch
         Xv, yv = val_batch
@@ -732,7 +746,7 @@ def one_step_hypergradient(method: Method, model, w, state, batch, next_batch, v
 
         def l2_loss(s):
             # C2(w_{t+1}(s)), or for at='current' its linearisation grad C2(w_t) . w_{t+1}(s)
-            wn = w - eta * (g_nll + 2.0 * expand(gr, np.exp(s)) * w)
+            wn = w - eta * (g_nll + 2.0 * cm * expand(gr, np.exp(s)) * w)
             return model.nll(wn, Xv, yv) if use_next else float(np.dot(gv_now, wn))
         reg1 = s1.reg if name == "combined" else s1
         if reg1.k == reg0.k:

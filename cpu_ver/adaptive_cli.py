@@ -35,7 +35,7 @@ from shared.online import (BASELINE_OF, CHECKPOINTS, add_run_arguments, baseline
                            check_checkpoint_options, check_validation_split, final_metrics, jsonable_start,
                            kwargs_from_start, resolve_run_dir, resume_command, run_identity, start_from_hypers,
                            stop_for_baseline)
-from shared.cli import invocation
+from shared.cli import add_l2_on_argument, invocation
 from shared.errors import ConfigError
 
 _DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -79,6 +79,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--curvature", default="diag", choices=("diag", "hvp"), help="IDBD trace: diagonal approximation or HVP")
     a("--l2-init", type=float, default=1e-4, help="T1-T2 initial L2 strength (default 1e-4)")
     a("--l2-groups", default="block", choices=ad.GRANULARITIES, help="T1-T2 L2 strengths per ... (default block)")
+    add_l2_on_argument(a)
     a("--meta-lr", type=float, default=2e-2, help="T1-T2 meta step (Adam on log L2; default 2e-2)")
     a("--meta-opt", default="adam", choices=("adam", "sgd"), help="T1-T2 meta optimiser (default adam)")
     a("--hyper-every", type=int, default=1, help="T1-T2: one hyper step every N weight steps (default 1)")
@@ -94,7 +95,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def baseline_method(args, layout, start=None):
     """The plain optimiser for ``args.method``, from the same starting values (``start``)."""
-    return ad.make_method(BASELINE_OF.get(args.method, "sgd"), layout, **baseline_kwargs(args, start))
+    return ad.make_method(BASELINE_OF.get(args.method, "sgd"), layout, **baseline_kwargs(args, start, layout))
 
 
 def _load(args):
@@ -136,7 +137,7 @@ def run_adaptive(args) -> dict:
         raise ConfigError("--steps and --eval-every must be >= 1")
     check_checkpoint_options(args)
     start = start_from_hypers(args, model.layout)          # --hypers-from, before the run folder
-    method = ad.make_method(args.method, model.layout, **kwargs_from_start(args, start))
+    method = ad.make_method(args.method, model.layout, **kwargs_from_start(args, start, model.layout))
     check_validation_split(args.method, method.needs_val, len(yv))      # before the run folder is made
     run_dir = resolve_run_dir(args)
     identity = run_identity(args, "cpu_ver adaptive", layers=list(sizes), data=ds.describe())

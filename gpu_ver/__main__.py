@@ -110,6 +110,7 @@ def add_train_args(p):
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--nesterov", type=_bool, default=True)
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    cli.add_l2_on_argument(p.add_argument)
     p.add_argument("--hypers-from", default=None, metavar="RUN_DIR|FILE",
                    help="the base learning rate (a file whose lr has shape scalar) and the L2 strengths (shape "
                         "scalar, block, unit or param) a run saved for this layout; they replace --lr and "

@@ -58,6 +58,8 @@ import numpy as np
 
 from gpu_ver import config
 from shared.errors import ConfigError, NonFiniteError, check_finite, check_loss
+from shared.coverage import check_coverage
+from shared.coverage import mask as coverage_mask
 from shared.layout import ParamLayout
 from shared.online import (  # noqa: F401 (backend-neutral pieces, re-exported)
     CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES, TRACE_HORIZON, TRACE_NAMES,
@@ -494,8 +496,11 @@ class SMD(_FixedL2, Method):
 class _Reg:
     """T1-T2 regulariser part (shared by ``t1t2`` and ``combined``); state keys prefixed ``r_``."""
 
-    def __init__(self, layout, l2_init, l2_groups, meta_lr, every, at, clip, meta_opt, b1=0.9, b2=0.999, eps=1e-8):
+    def __init__(self, layout, l2_init, l2_groups, meta_lr, every, at, clip, meta_opt, b1=0.9, b2=0.999, eps=1e-8,
+                 l2_on="all"):
         self.meta_lr = _check_meta_step("meta_lr", meta_lr)
+        self.l2_on = check_coverage(l2_on, "l2_on")
+        self.mask = coverage_mask(layout, l2_on)      # None: every parameter (shared.coverage)
         if not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1:
             raise ConfigError(f"hyper-step interval must be an integer >= 1, got {every!r}")
         if at not in ("next", "current"):
@@ -514,11 +519,15 @@ class _Reg:
         z = np.zeros(self.gr.n)
         return OrderedDict(r_t=np.int64(0), r_s=s, r_hg=z.copy(), r_m=z.copy(), r_v=z.copy(), r_k=np.int64(0))
 
+    def _masked(self, x):
+        return x if self.mask is None else x * T.constant(np.asarray(self.mask, _fx()))
+
     def l2_expr(self, S):
-        return self.gr.expand(T.exp(S["r_s"]))
+        return self._masked(self.gr.expand(T.exp(S["r_s"])))
 
     def l2_of(self, a):
-        return self.gr.expand_np(np.exp(a["r_s"]))
+        l2 = self.gr.expand_np(np.exp(a["r_s"]))
+        return l2 if self.mask is None else l2 * self.mask
 
     def build(self, c: Ctx, w_new, eta):
         """Updates of the regulariser state after w_{t+1} = w_t - eta g_t."""
@@ -528,7 +537,7 @@ class _Reg:
 
         def hyper_step():
             gv = c.val_grad(w_new if self.at == "next" else w)
-            hg = _clip(self.gr.reduce(-2.0 * (eta * gv) * w) * T.exp(S["r_s"]), self.clip)
+            hg = _clip(self.gr.reduce(self._masked(-2.0 * (eta * gv) * w)) * T.exp(S["r_s"]), self.clip)
             m, v, k = S["r_m"], S["r_v"], S["r_k"]
             if self.meta_opt == "adam":
                 m = self.b1 * m + (1 - self.b1) * hg
@@ -555,12 +564,12 @@ class T1T2(Method):
     needs_val = True
 
     def __init__(self, layout, lr=0.1, l2_init=1e-4, l2_groups="block", meta_lr=1e-2, every=1, at="next",
-                 clip=None, meta_opt="adam"):
+                 clip=None, meta_opt="adam", l2_on="all"):
         lr = float(_check_positive("learning rate", lr))
-        self.reg = _Reg(layout, l2_init, l2_groups, meta_lr, every, at, clip, meta_opt)
+        self.reg = _Reg(layout, l2_init, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on=l2_on)
         super().__init__(layout, dict(lr=lr, l2_init=np.asarray(l2_init).tolist(), l2_groups=self.reg.gr.kind,
                                       meta_lr=self.reg.meta_lr, every=self.reg.every, at=at, clip=self.reg.clip,
-                                      meta_opt=meta_opt))
+                                      meta_opt=meta_opt, l2_on=l2_on))
         self.lr = lr
 
     def init(self, w0):
@@ -590,14 +599,14 @@ class Combined(Method):
     needs_val = True
 
     def __init__(self, layout, lr=1e-2, beta=1e-2, lr_granularity="param", l2_init=1e-4, l2_groups="param",
-                 meta_lr=1e-2, every=1, at="next", clip=None, meta_opt="adam"):
-        self.reg = _Reg(layout, l2_init, l2_groups, meta_lr, every, at, clip, meta_opt)
+                 meta_lr=1e-2, every=1, at="next", clip=None, meta_opt="adam", l2_on="all"):
+        self.reg = _Reg(layout, l2_init, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on=l2_on)
         self.hd = HD(layout, "sgd", lr, beta, lr_granularity, log_space=True, clip=clip)
         super().__init__(layout, dict(lr=np.asarray(lr).tolist(), beta=self.hd.beta,
                                       lr_granularity=self.hd.gr.kind, log_space=True,
                                       l2_init=np.asarray(l2_init).tolist(), l2_groups=self.reg.gr.kind,
                                       meta_lr=self.reg.meta_lr, every=self.reg.every, at=at, clip=self.reg.clip,
-                                      meta_opt=meta_opt))
+                                      meta_opt=meta_opt, l2_on=l2_on))
 
     def init(self, w0):
         s = self.hd.init(w0)
@@ -946,7 +955,8 @@ def reference_onestep(name, problem: CheckProblem, with_loss=True) -> dict:
             if "g" not in cache:
                 cache["g"] = fns.nll_grad(w, Xb, yb)
                 cache["gv"] = None if use_next else fns.nll_grad(w, Xv, yv)
-            wn = w - eta * (cache["g"] + 2.0 * gr.expand_np(np.exp(s)) * w)
+            l2 = gr.expand_np(np.exp(s)) * (1.0 if method.reg.mask is None else method.reg.mask)
+            wn = w - eta * (cache["g"] + 2.0 * l2 * w)
             return fns.nll(wn, Xv, yv) if use_next else float(np.dot(cache["gv"], wn))
         out["l2"] = OneStep(a1["r_hg"], a0["r_s"].copy(), l2_loss)
         if isinstance(method, T1T2):

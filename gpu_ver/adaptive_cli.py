@@ -44,7 +44,7 @@ from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES
                            baseline_kwargs, baseline_metrics, check_checkpoint_options, check_validation_split,
                            final_metrics, jsonable_start, kwargs_from_start, resolve_run_dir, resume_command,
                            run_identity, start_from_hypers, stop_for_baseline)
-from shared.cli import invocation
+from shared.cli import add_l2_on_argument, invocation
 from shared.errors import ConfigError
 
 
@@ -95,6 +95,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--curvature", default="diag", choices=("diag", "hvp"), help="IDBD trace: diagonal approximation or HVP")
     a("--l2-init", type=float, default=1e-4, help="T1-T2 initial L2 strength (default 1e-4)")
     a("--l2-groups", default="block", choices=GRANULARITIES, help="T1-T2 L2 strengths per ... (default block)")
+    add_l2_on_argument(a)
     a("--meta-lr", type=float, default=2e-2, help="T1-T2 meta step (Adam on log L2; default 2e-2)")
     a("--meta-opt", default="adam", choices=("adam", "sgd"), help="T1-T2 meta optimiser (default adam)")
     a("--hyper-every", type=int, default=1, help="T1-T2: one hyper step every N weight steps (default 1)")
@@ -112,7 +113,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def baseline_method(args, layout, ad, start=None):
     """The plain optimiser for ``args.method``, from the same starting values (``start``)."""
-    return ad.make_method(BASELINE_OF.get(args.method, "sgd"), layout, **baseline_kwargs(args, start))
+    return ad.make_method(BASELINE_OF.get(args.method, "sgd"), layout, **baseline_kwargs(args, start, layout))
 
 
 def load_data(args):
@@ -190,7 +191,7 @@ def run_adaptive(args) -> dict:
     timings["load_s"] = time.perf_counter() - t0
     model = build_model(args, ds, M)
     start = start_from_hypers(args, model.layout)          # --hypers-from, before the run folder
-    method = ad.make_method(args.method, model.layout, **kwargs_from_start(args, start))
+    method = ad.make_method(args.method, model.layout, **kwargs_from_start(args, start, model.layout))
     check_validation_split(args.method, method.needs_val, len(ds.val))
     run_dir = resolve_run_dir(args)
     X, y, Xv, yv = ds.train.X, ds.train.y, ds.val.X, ds.val.y

@@ -190,12 +190,13 @@ class Problem:
         return self.layout.expand(hypers.value("init_scale")) * self.init_base()
 
     def hypers(self, *, lr=0.1, momentum=0.9, l2=1e-4, init_scales=None, groups=("l2",), l2_shape="param",
-               lr_shape="scalar", momentum_shape="scalar") -> HyperParams:
+               lr_shape="scalar", momentum_shape="scalar", l2_on="all") -> HyperParams:
         """A ``shared.hyperparams.standard`` container for this problem (checked shapes)."""
         check_shapes(l2_shape, lr_shape, momentum_shape)
         return standard(self.layout, self.n_iters, lr=lr, momentum=momentum, l2=l2,
                         init_scales=self.default_init_scales() if init_scales is None else init_scales,
-                        groups=groups, l2_shape=l2_shape, lr_shape=lr_shape, momentum_shape=momentum_shape)
+                        groups=groups, l2_shape=l2_shape, lr_shape=lr_shape, momentum_shape=momentum_shape,
+                        l2_on=l2_on)
 
     def describe(self) -> dict:
         return {"model": self.model.describe(), "n_params": self.layout.size, "n_iters": int(self.n_iters),

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.cli import add_resume_argument, invocation, option_identity, parse_groups
+from shared.cli import add_l2_on_argument, add_resume_argument, invocation, option_identity, parse_groups
 from shared.errors import ConfigError, NonFiniteError
 from shared import interrupt
 from shared.meta_opt import OPTIMIZERS, checkpoint_arrays, make_optimizer
@@ -228,6 +228,7 @@ def add_problem_arguments(p, iters=100, batch=100):
     p.add_argument("--l2", type=float, default=1e-4, help="initial L2 strength (> 0)")
     p.add_argument("--l2-shape", default="unit", choices=("scalar", "block", "unit", "param"),
                    help="per-unit (default), per-layer/block, per-parameter or one strength")
+    add_l2_on_argument(p.add_argument)
     p.add_argument("--lr-shape", default="scalar", choices=("scalar", "block", "iter", "iter_block"))
     p.add_argument("--momentum-shape", default="scalar", choices=("scalar", "block", "iter", "iter_block"))
     p.add_argument("--hypers", default="l2", help="tuned groups, comma-separated from l2,lr,momentum,init_scale")
@@ -296,11 +297,11 @@ def build_problem(args):
     problem = D.Problem.from_dataset(model, data, n_iters=args.iters, batch_size=args.batch,
                                      batch_seed=args.seed, init_seed=args.seed, val_chunk=args.val_chunk)
     hypers = problem.hypers(lr=args.lr, momentum=args.momentum, l2=args.l2, groups=groups, l2_shape=args.l2_shape,
-                            lr_shape=args.lr_shape, momentum_shape=args.momentum_shape)
+                            lr_shape=args.lr_shape, momentum_shape=args.momentum_shape, l2_on=args.l2_on)
     if args.hypers_from:
         from shared.hyperparams import load_for_run  # noqa: PLC0415
 
-        hypers = load_for_run(args.hypers_from, problem.layout, args.iters, groups)
+        hypers = load_for_run(args.hypers_from, problem.layout, args.iters, groups, l2_on=args.l2_on)
         D.check_shapes(*(hypers.group(g).shape for g in ("l2", "lr", "momentum")))
     return problem, hypers, data.describe()
 

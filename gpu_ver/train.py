@@ -68,6 +68,7 @@ class TrainConfig:
     checkpoint_every: int = 0        # steps; 0 = only at the end / when stopped
     seed: int = 0
     hypers_from: str | None = None   # RUN_DIR|FILE: lr (shape scalar) and l2 (fixed over steps) from there
+    l2_on: str = "all"               # all | weights: which parameters the weight decay covers (shared.coverage)
 
     def validate(self) -> "TrainConfig":
         if self.model not in ("densenet", "mlp"):
@@ -85,6 +86,9 @@ class TrainConfig:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        from shared.coverage import check_coverage  # noqa: PLC0415
+
+        check_coverage(self.l2_on)
         return self
 
     def trajectory_keys(self) -> dict:
@@ -92,6 +96,8 @@ class TrainConfig:
         d = asdict(self)
         for k in ("data_dir", "eval_batch", "checkpoint_every"):
             d.pop(k)
+        if d["l2_on"] == "all":         # the default: checkpoints written before the option stay resumable
+            d.pop("l2_on")
         return d
 
 
@@ -226,8 +232,11 @@ def train(cfg: TrainConfig, run_dir, argv=(), resume=None, stop_after=None, prog
     if cfg.hypers_from:             # before the run folder is made
         from shared.hyperparams import load_fixed  # noqa: PLC0415
 
-        start = load_fixed(cfg.hypers_from, model.layout, scalar=("lr",), per_param=("l2",))
+        start = load_fixed(cfg.hypers_from, model.layout, scalar=("lr",), per_param=("l2",), l2_on=cfg.l2_on)
         base_lr, l2 = start.get("lr", base_lr), start.get("l2", l2)
+    from shared.coverage import apply as cover  # noqa: PLC0415
+
+    l2 = cover(l2, model.layout, cfg.l2_on)      # 0 on the parameters --l2-on leaves out
     state = M.SGDState(model, model.init(cfg.seed), lr=base_lr, l2=l2)
     t0, hist, acc = 0, {k: [] for k in ("epoch", "lr", "train_loss", "train_error", "val_loss", "val_error",
                                          "test_loss", "test_error")}, [0.0, 0]

@@ -221,3 +221,13 @@ def add_overwrite_argument(add) -> None:
     """``--overwrite`` (``add``: a parser's add_argument)."""
     add("--overwrite", action="store_true",
         help="replace an earlier run's files in --out (refused otherwise, so two runs never mix)")
+
+
+def add_l2_on_argument(add) -> None:
+    """``--l2-on all|weights`` (``add``: a parser's add_argument): which parameters L2 covers
+    (``shared.coverage``), the same option in every command that takes L2."""
+    from shared.coverage import COVERAGES, DEFAULT
+
+    add("--l2-on", default=DEFAULT, choices=COVERAGES,
+        help="parameters that L2 covers: all (default) or weights (dense and convolution weight matrices; "
+             "biases and batch-norm scales/shifts get L2 fixed at 0 and are not tuned)")

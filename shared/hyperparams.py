@@ -51,6 +51,15 @@ the weight columns (per-unit L2 as in the DrMAD experiments: one strength per
 unit's incoming weights, and one per bias). A block with zero-sized axes
 contributes its units (possibly with no parameters: they reduce to 0).
 
+Coverage (``cover``, ``shared.coverage``). A group may cover only some parameters:
+``cover = {"l2": "weights"}`` (the ``--l2-on weights`` option) multiplies its
+expansion by the 0/1 mask ``m`` of the dense and convolution weight blocks,
+``a = m * E_t h``, and its adjoint masks the gradient first, ``E_t^T (m * g)``. The
+uncovered parameters train with the value 0, and the group's entries that reach
+only them get a hypergradient of exactly 0 (they stay in the free vector, so
+shapes and files do not change with the coverage). A group not named in
+``cover`` covers every parameter ('all').
+
 The container is immutable: every method that changes something returns a new
 ``HyperParams``; constrained values returned by ``value`` are read-only arrays.
 
@@ -65,7 +74,8 @@ keep their values through ``unflatten``. ``total_size`` counts every group.
 Files (``save``/``load``): ``STEM.npz`` holds the free arrays (keys ``g0``,
 ``g1``, ... in group order) and ``STEM.json`` the description (format and
 version, layout via ``ParamLayout.to_json``, ``n_iters``, per group its name,
-transform, shape and key, the tuned names, and the SHA-256 of the ``.npz`` so
+transform, shape and key, the tuned names, the coverage (absent in older files:
+all), and the SHA-256 of the ``.npz`` so
 that a pair written by different saves is detected). Both are written
 atomically (temporary file in the same folder, then ``os.replace``).
 """
@@ -82,6 +92,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from shared.coverage import DEFAULT as COVER_ALL
+from shared.coverage import check_coverage
+from shared.coverage import mask as coverage_mask
 from shared.errors import ConfigError
 from shared.layout import ParamLayout
 from shared.records import write_bytes_atomic
@@ -311,6 +324,7 @@ class HyperParams:
     n_iters: int
     groups: tuple
     tuned: Optional[tuple] = None
+    cover: Optional[Mapping] = None
 
     def __post_init__(self):
         if isinstance(self.n_iters, bool) or not isinstance(self.n_iters, (int, np.integer)) or self.n_iters < 0:
@@ -335,6 +349,13 @@ class HyperParams:
         unknown = [n for n in tuned if n not in names]
         if unknown:
             raise ConfigError(f"tuned groups {unknown} are not hyperparameter groups; groups are {names}")
+        cover = {n: check_coverage(k, f"coverage of {n!r}") for n, k in dict(self.cover or {}).items()
+                 if k != COVER_ALL}
+        unknown = [n for n in cover if n not in names]
+        if unknown:
+            raise ConfigError(f"coverage given for {unknown}, which are not hyperparameter groups; groups are {names}")
+        object.__setattr__(self, "cover", cover)
+        object.__setattr__(self, "_masks", {n: _readonly(coverage_mask(self.layout, k)) for n, k in cover.items()})
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "tuned", tuple(n for n in names if n in tuned))
         object.__setattr__(self, "_index", {n: i for i, n in enumerate(names)})
@@ -379,7 +400,8 @@ class HyperParams:
 
     # --- construction ---------------------------------------------------------
     @classmethod
-    def from_values(cls, layout: ParamLayout, n_iters: int, specs: Mapping, tuned=None) -> "HyperParams":
+    def from_values(cls, layout: ParamLayout, n_iters: int, specs: Mapping, tuned=None,
+                    cover=None) -> "HyperParams":
         """Build from constrained values: ``specs[name] = (value, transform, shape)``.
 
         ``value`` is a scalar (broadcast to the shape) or an array of the group's
@@ -404,7 +426,7 @@ class HyperParams:
             _check_domain(name, transform, h)
             with np.errstate(divide="ignore"):
                 groups.append(HyperGroup(name, transform, shape, to_free(transform, h)))
-        return cls(layout, n_iters, tuple(groups), tuned)
+        return cls(layout, n_iters, tuple(groups), tuned, cover)
 
     def with_free(self, name: str, free) -> "HyperParams":
         """New container with group ``name``'s free values replaced (scalar broadcast)."""
@@ -421,11 +443,20 @@ class HyperParams:
 
     def with_tuned(self, names) -> "HyperParams":
         """New container tuning exactly ``names`` (stored in container order)."""
-        return HyperParams(self.layout, self.n_iters, self.groups, tuple(names))
+        return HyperParams(self.layout, self.n_iters, self.groups, tuple(names), self.cover)
+
+    def with_cover(self, cover) -> "HyperParams":
+        """New container with coverage ``cover`` (group name -> 'all' | 'weights'; absent: all)."""
+        return HyperParams(self.layout, self.n_iters, self.groups, self.tuned, cover)
+
+    def coverage(self, name: str) -> str:
+        """Which parameters group ``name`` covers: 'all' or 'weights' (``shared.coverage``)."""
+        self.group(name)
+        return self.cover.get(name, COVER_ALL)
 
     def _replace(self, new: HyperGroup) -> "HyperParams":
         groups = tuple(new if g.name == new.name else g for g in self.groups)
-        return HyperParams(self.layout, self.n_iters, groups, self.tuned)
+        return HyperParams(self.layout, self.n_iters, groups, self.tuned, self.cover)
 
     # --- access ---------------------------------------------------------------
     @property
@@ -478,6 +509,11 @@ class HyperParams:
         iter_block: a_i = h[t, b(i)]. ``t`` is required for the iteration shapes
         and, when given, must lie in [0, n_iters).
         """
+        a = self._per_param(name, t)
+        m = self._masks.get(name)
+        return a if m is None else a * m
+
+    def _per_param(self, name, t):
         g = self.group(name)
         t = self._check_t(g, t)
         h, P = g.value, self._n_params
@@ -497,11 +533,14 @@ class HyperParams:
         """(n_iters, layout.size) array whose row t is ``per_param(name, t)`` (any shape)."""
         g = self.group(name)
         h, T, P = g.value, self.n_iters, self._n_params
+        m = self._masks.get(name)
         if g.shape == "iter_block":
-            return self._expand(h)
-        if g.shape == "iter":
-            return np.repeat(h[:, None], P, axis=1)
-        return np.tile(self.per_param(name), (T, 1))
+            out = self._expand(h)
+        elif g.shape == "iter":
+            out = np.repeat(h[:, None], P, axis=1)
+        else:
+            return np.tile(self.per_param(name), (T, 1))
+        return out if m is None else out * m
 
     def reduce(self, name: str, per_param_grad, t=None) -> np.ndarray:
         """Adjoint of ``per_param``: dF/dh (group shape) from g = dF/da at iteration ``t``.
@@ -512,7 +551,7 @@ class HyperParams:
         """
         g = self.group(name)
         t = self._check_t(g, t)
-        gp = self._check_grad(name, per_param_grad)
+        gp = self._masked(name, self._check_grad(name, per_param_grad))
         if g.shape == "scalar":
             return np.asarray(gp.sum())
         if g.shape == "block":
@@ -532,6 +571,7 @@ class HyperParams:
         want = (self.n_iters, self._n_params)
         if G.shape != want:
             raise ConfigError(f"hyperparameter {name!r}: schedule gradient has shape {G.shape}, expected {want}")
+        G = self._masked(name, G)
         if g.shape == "iter_block":
             return self._reduce(G)
         if g.shape == "iter":
@@ -559,7 +599,7 @@ class HyperParams:
                               f"{np.shape(acc)}, expected {g.free.shape}")
         if g.shape in ITER_SHAPES:
             t = self._check_t(g, t)
-            gp = self._check_grad(name, per_param_grad)
+            gp = self._masked(name, self._check_grad(name, per_param_grad))
             acc[t] += gp.sum() if g.shape == "iter" else self._reduce(gp)
         else:
             acc += self.reduce(name, per_param_grad, t)
@@ -567,6 +607,11 @@ class HyperParams:
     def zero_grads(self) -> dict:
         """{name: zeros of the group's shape} for every group (writable)."""
         return {g.name: np.zeros(g.free.shape) for g in self.groups}
+
+    def _masked(self, name, per_param_grad) -> np.ndarray:
+        """m * g for a covered group (the adjoint of the masked expansion), else g."""
+        m = self._masks.get(name)
+        return per_param_grad if m is None else per_param_grad * m
 
     def _check_grad(self, name, per_param_grad) -> np.ndarray:
         gp = np.asarray(per_param_grad, dtype=float)
@@ -613,7 +658,7 @@ class HyperParams:
             new[n] = HyperGroup(n, g.transform, g.shape, v[o:o + g.count].reshape(g.free.shape))
             o += g.count
         groups = tuple(new.get(g.name, g) for g in self.groups)
-        return HyperParams(self.layout, self.n_iters, groups, self.tuned)
+        return HyperParams(self.layout, self.n_iters, groups, self.tuned, self.cover)
 
     def flatten_grads(self, grads: Mapping) -> np.ndarray:
         """Gradients (name -> group-shaped array) of the tuned groups, in ``flatten`` order.
@@ -643,6 +688,7 @@ class HyperParams:
         for g in self.groups:
             h = g.value
             out[g.name] = {"transform": g.transform, "shape": g.shape, "count": g.count,
+                           "covers": self.cover.get(g.name, COVER_ALL),
                            "tuned": g.name in self.tuned, "min": float(h.min()),
                            "mean": float(h.mean()), "max": float(h.max())}
         return {"n_iters": self.n_iters, "size": self.size, "total_size": self.total_size,
@@ -658,7 +704,7 @@ class HyperParams:
                 "layout": self.layout.to_json(), "n_iters": self.n_iters,
                 "groups": [{"name": g.name, "transform": g.transform, "shape": g.shape, "key": f"g{i}"}
                            for i, g in enumerate(self.groups)],
-                "tuned": list(self.tuned),
+                "tuned": list(self.tuned), "cover": dict(self.cover),
                 "npz": npz_path.name, "npz_sha256": hashlib.sha256(data).hexdigest()}
         write_bytes_atomic(npz_path, data)
         write_bytes_atomic(json_path, (json.dumps(desc, indent=1) + "\n").encode())
@@ -684,6 +730,7 @@ class HyperParams:
             n_iters = desc["n_iters"]
             specs = [(d["name"], d["transform"], d["shape"], d["key"]) for d in desc["groups"]]
             tuned = tuple(desc["tuned"])
+            cover = dict(desc.get("cover", {}))      # files written before coverage existed: all
             sha = desc["npz_sha256"]
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"hyperparameter file {json_path} is corrupt: {e}") from None
@@ -710,13 +757,13 @@ class HyperParams:
                                   "values, not real numbers")
         try:
             groups = tuple(HyperGroup(n, tr, sh, arrays[k]) for n, tr, sh, k in specs)
-            return cls(stored_layout, n_iters, groups, tuned)
+            return cls(stored_layout, n_iters, groups, tuned, cover)
         except ConfigError as e:
             raise ConfigError(f"hyperparameter files {json_path}/{npz_path.name}: {e}") from None
 
     def __repr__(self):
         gs = ", ".join(f"{g.name}:{g.transform}:{g.shape}{list(g.free.shape)}" + ("" if g.name in self.tuned else "(fixed)")
-                       for g in self.groups)
+                       + (f"(on {self.cover[g.name]})" if g.name in self.cover else "") for g in self.groups)
         return f"HyperParams(n_iters={self.n_iters}, params={self.layout.size}, groups=[{gs}])"
 
 
@@ -742,13 +789,14 @@ def _paths(path) -> tuple:
 
 def standard(layout: ParamLayout, n_iters: int, *, lr, momentum, l2, init_scales,
              groups=STANDARD_GROUPS, l2_shape="param", lr_shape="iter_block",
-             momentum_shape="iter_block") -> HyperParams:
+             momentum_shape="iter_block", l2_on=COVER_ALL) -> HyperParams:
     """The four groups every training run uses; ``groups`` says which are TUNED.
 
     l2 (log, ``l2_shape``), lr (log, ``lr_shape``), momentum (logit,
     ``momentum_shape``), init_scale (log, 'block'; ``init_scales`` is a
     per-block array or a scalar). All four are always present, in that order;
     ``groups`` becomes ``HyperParams.tuned`` (what flatten/unflatten see).
+    ``l2_on`` is the coverage of l2 (``shared.coverage``: 'all' or 'weights').
     """
     groups = tuple(groups)
     unknown = [g for g in groups if g not in STANDARD_GROUPS]
@@ -757,7 +805,7 @@ def standard(layout: ParamLayout, n_iters: int, *, lr, momentum, l2, init_scales
     specs = {"l2": (l2, "log", l2_shape), "lr": (lr, "log", lr_shape),
              "momentum": (momentum, "logit", momentum_shape),
              "init_scale": (init_scales, "log", "block")}
-    return HyperParams.from_values(layout, n_iters, specs, tuned=groups)
+    return HyperParams.from_values(layout, n_iters, specs, tuned=groups, cover={"l2": l2_on})
 
 
 # --- --hypers-from: starting from hyperparameters an earlier run learned ---------
@@ -775,8 +823,18 @@ def _layout_difference(saved: ParamLayout, here: ParamLayout) -> str:
     return f"{saved.n_blocks} parameter blocks there, {here.n_blocks} in this model"
 
 
+def check_coverage_matches(h: HyperParams, source, l2_on, option="--hypers-from") -> None:
+    """ConfigError unless the file's l2 coverage is the run's ``--l2-on`` (None: not checked)."""
+    if l2_on is None or "l2" not in h:
+        return
+    saved = h.coverage("l2")
+    if saved != l2_on:
+        raise ConfigError(f"{option} {source}: its l2 was learned with --l2-on {saved}; this run has --l2-on "
+                          f"{l2_on} (pass --l2-on {saved})")
+
+
 def load_for_run(source, layout: ParamLayout, n_iters, groups=None, option="--hypers-from",
-                 steps_option="--iters") -> HyperParams:
+                 steps_option="--iters", l2_on=None) -> HyperParams:
     """The hyperparameters saved in ``source`` (a run folder holding ``hypers.json`` and
     ``hypers.npz``, or such a file / stem), for a run with ``layout`` and ``n_iters`` steps.
 
@@ -785,7 +843,8 @@ def load_for_run(source, layout: ParamLayout, n_iters, groups=None, option="--hy
     steps. ``groups`` (the command's ``--hypers``) become the tuned groups; each must be
     in the file. The file's values and shapes replace the command's ``--lr``, ``--l2``,
     ``--momentum`` and ``--*-shape``. ``n_iters=None``: any number of steps (the caller
-    checks the shapes); ``steps_option`` names the option that sets the steps."""
+    checks the shapes); ``steps_option`` names the option that sets the steps. ``l2_on``
+    (the run's ``--l2-on``; None: not checked) must be the coverage the file's l2 has."""
     p = Path(os.fspath(source))
     if p.is_dir():
         if not (p / f"{HYPERS_STEM}.json").is_file():
@@ -801,6 +860,7 @@ def load_for_run(source, layout: ParamLayout, n_iters, groups=None, option="--hy
     if n_iters is not None and h.n_iters != n_iters:
         raise ConfigError(f"{option} {source}: saved for {h.n_iters} training steps; this run has {n_iters} "
                           f"({steps_option})")
+    check_coverage_matches(h, source, l2_on, option)
     if groups is not None:
         missing = [g for g in groups if g not in h]
         if missing:
@@ -810,14 +870,16 @@ def load_for_run(source, layout: ParamLayout, n_iters, groups=None, option="--hy
     return h
 
 
-def load_fixed(source, layout: ParamLayout, scalar=(), per_param=(), option="--hypers-from") -> dict:
+def load_fixed(source, layout: ParamLayout, scalar=(), per_param=(), option="--hypers-from",
+               l2_on=None) -> dict:
     """Values for a run that keeps its hyperparameters fixed over the steps (``gpu_ver train``):
     from the file ``load_for_run`` finds in ``source`` (same layout; any number of steps),
     each group of ``scalar`` as a float (its shape must be ``scalar``) and each group of
     ``per_param`` as a (layout.size,) array (any shape that does not change with the step:
     scalar, block, unit, param). A group the file lacks is left out; one of another shape
-    is refused, naming it."""
-    h = load_for_run(source, layout, None, option=option)
+    is refused, naming it. ``l2_on``: as for ``load_for_run`` (the per-parameter values
+    are masked by the file's coverage)."""
+    h = load_for_run(source, layout, None, option=option, l2_on=l2_on)
     out = {}
     for name in (*scalar, *per_param):
         if name not in h:

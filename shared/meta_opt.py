@@ -62,8 +62,8 @@ OPTIMIZERS = {"adam": adam, "sgd": sgd_momentum, "sign": sign_sgd}
 def make_optimizer(name: str, lr: float) -> Optimizer:
     if name not in OPTIMIZERS:
         raise ConfigError(f"meta-optimiser must be one of {sorted(OPTIMIZERS)}, got {name!r}")
-    if not (lr > 0 and np.isfinite(lr)):
-        raise ConfigError(f"meta learning rate must be positive, got {lr}")
+    if not (lr >= 0 and np.isfinite(lr)):       # 0: every step is x - 0 = x (a fixed-hyperparameter baseline)
+        raise ConfigError(f"meta learning rate must be finite and >= 0, got {lr}")
     return OPTIMIZERS[name](lr)
 
 

@@ -151,6 +151,12 @@ CHECK_CONFIGS = {
     "t1t2-block": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="block", meta_lr=0.1, every=1)),
     "t1t2-unit": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="unit", meta_lr=0.1, every=1)),
     "t1t2-param": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="param", meta_lr=0.1, every=1)),
+    # --l2-on weights: the bias blocks' strengths get hypergradient 0 (block) or only the
+    # weight columns' part (unit groups join a column and its bias)
+    "t1t2-block-weights": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="block", meta_lr=0.1, every=1,
+                                        l2_on="weights")),
+    "t1t2-unit-weights": ("t1t2", dict(lr=0.3, l2_init=1e-2, l2_groups="unit", meta_lr=0.1, every=1,
+                                       l2_on="weights")),
     "combined": ("combined", dict(lr=0.2, beta=0.3, l2_init=1e-2, meta_lr=0.1, every=1)),
 }
 TRACE_HORIZON = 3
@@ -173,10 +179,27 @@ def method_kwargs(args) -> dict:
         return dict(lr=args.lr, mu=args.mu, lam=0.99 if args.trace_decay is None else args.trace_decay,
                     l2=args.l2, clip=args.clip)
     common = dict(l2_init=args.l2_init, l2_groups=args.l2_groups, meta_lr=args.meta_lr,
-                  every=args.hyper_every, at=args.hyper_at, clip=args.clip, meta_opt=args.meta_opt)
+                  every=args.hyper_every, at=args.hyper_at, clip=args.clip, meta_opt=args.meta_opt,
+                  l2_on=l2_coverage(args))
     if m == "t1t2":
         return dict(lr=args.lr, **common)
     return dict(lr=args.lr, beta=args.beta, lr_granularity="param", **common)
+
+
+def l2_coverage(args) -> str:
+    """The run's ``--l2-on`` (``all`` for arguments built without it)."""
+    return getattr(args, "l2_on", "all")
+
+
+def covered_l2(kw: dict, args, layout) -> dict:
+    """``kw`` with its fixed ``l2`` (the learning-rate methods and the baselines) set to 0 on the
+    parameters that ``--l2-on`` leaves out (``shared.coverage.apply``); T1-T2 and combined
+    take ``l2_on`` themselves."""
+    from shared.coverage import apply  # noqa: PLC0415
+
+    if "l2" in kw and l2_coverage(args) != "all":
+        kw = dict(kw, l2=apply(kw["l2"], layout, l2_coverage(args)))
+    return kw
 
 
 def check_validation_split(method_name: str, needs_val: bool, n_val: int) -> None:
@@ -316,17 +339,21 @@ def start_from_hypers(args, layout) -> dict:
     source = getattr(args, "hypers_from", None)
     if not source:
         return {}
+    from shared.coverage import mask as coverage_mask
     from shared.hyperparams import load_for_run
 
-    h = load_for_run(source, layout, args.steps, steps_option="--steps")
+    h = load_for_run(source, layout, args.steps, steps_option="--steps", l2_on=l2_coverage(args))
     m = args.method
     out = {}
     for name in ("lr", "l2"):
         if name not in h:
             continue
-        a = h.per_param(name, 0)
-        if a.size and np.all(a == a[0]):
-            out[name] = float(a[0])
+        a = h.with_cover({}).per_param(name, 0)       # values also where the coverage sets 0 (unused)
+        cmask = coverage_mask(layout, h.coverage(name))
+        cov = np.ones(a.size, bool) if cmask is None else cmask > 0
+        first = a[cov][0] if np.any(cov) else (a[0] if a.size else 0.0)
+        if a.size and np.all(a[cov] == first):
+            out[name] = float(first)              # one value on the covered parameters
             continue
         if name == "lr":
             takes = _per_param_lr(m, getattr(args, "granularity", "global"))
@@ -349,21 +376,24 @@ def jsonable_start(start: dict) -> dict:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in start.items()}
 
 
-def kwargs_from_start(args, start: dict) -> dict:
-    """``method_kwargs(args)`` with the starting values ``start_from_hypers`` found."""
+def kwargs_from_start(args, start: dict, layout=None) -> dict:
+    """``method_kwargs(args)`` with the starting values ``start_from_hypers`` found, and a fixed
+    L2 covering what ``--l2-on`` says (``covered_l2``; needs ``layout``)."""
     kw = method_kwargs(args)
     kw.update({k: v for k, v in start.items() if k in kw})
-    return kw
+    return kw if layout is None else covered_l2(kw, args, layout)
 
 
-def baseline_kwargs(args, start=None) -> dict:
+def baseline_kwargs(args, start=None, layout=None) -> dict:
     """Options of the plain optimiser run beside ``args.method``: the same starting learning
-    rate (when it is one value) and L2 as the adaptive run."""
+    rate (when it is one value) and L2 as the adaptive run, on the parameters ``--l2-on``
+    covers (``covered_l2``; needs ``layout``)."""
     start = start or {}
     l2 = args.l2_init if args.method in ("t1t2", "combined") else args.l2
     l2 = start.get("l2_init", start.get("l2", l2))
     lr = start["lr"] if np.ndim(start.get("lr", 0.0)) == 0 and "lr" in start else args.lr
-    return dict(lr=lr, l2=l2, momentum=args.momentum)
+    kw = dict(lr=lr, l2=l2, momentum=args.momentum)
+    return kw if layout is None else covered_l2(kw, args, layout)
 
 
 def final_metrics(res: dict, test_loss, test_error, has_test: bool) -> dict:

@@ -321,7 +321,7 @@ def test_standard_container():
     json.dumps(d)
     # 0.5 through logit (log - log1p: |free| <= 2 x 4 ulp of ln 2) and sigmoid (slope 1/4, plus its own
     # exp, add and divide): within 16 eps of 0.5, not necessarily 0.5 itself
-    assert d["groups"]["momentum"] == {"transform": "logit", "shape": "iter_block", "count": T * B,
+    assert d["groups"]["momentum"] == {"transform": "logit", "shape": "iter_block", "count": T * B, "covers": "all",
                                        "tuned": True, "min": pytest.approx(0.5, rel=16 * np.finfo(float).eps),
                                        "mean": pytest.approx(0.5, rel=16 * np.finfo(float).eps),
                                        "max": pytest.approx(0.5, rel=16 * np.finfo(float).eps)}
