@@ -34,8 +34,9 @@ from ONE run, as medians over interleaved rounds:
                                    epochs of batch 64 = 234,375 steps, momentum 0.9)
                                    from the measured buffer bits per weight per step,
                                    the allocated buffer words over those bits (the
-                                   word rows grow by doubling: a factor 1 to 2), the
-                                   per-weight state and the per-step fingerprints.
+                                   word rows grow by 1/32 at a time: a factor 1 to
+                                   1.03), the per-weight state and the per-step
+                                   fingerprints.
 
 Hypergradient timing T = 300 (--quick 100; --iters). BLAS runs on one thread
 (--threads). --quick takes a few minutes once the compiled functions are cached
@@ -305,17 +306,19 @@ def memory(steps) -> list:
 
 def allocated_rows(bits_per_weight: float, start: int = 8) -> int:
     """Rows of 16-bit words ``shared.exact_rep``'s vector buffer allocates for a depth of
-    ``bits_per_weight``: it starts with ``start`` rows and doubles when a weight needs more."""
+    ``bits_per_weight``: it starts with ``start`` rows and grows by ``next_rows`` one row
+    beyond the current depth at a time, as the buffer does when a weight spills."""
+    from shared.exact_rep import next_rows  # noqa: PLC0415
     need, rows = int(np.ceil(bits_per_weight / 16)) + 1, start
     while rows < need:
-        rows *= 2
+        rows = next_rows(rows, rows + 1)
     return rows
 
 
 def projection(rows) -> dict:
     """DenseNet-40 estimate from the longest measured run: what the trajectory holds, scaled
     (parameter-sized arrays and the initial word rows by the weights; the velocity buffer's
-    word rows at the measured bits per weight per step, allocated by doubling; fingerprints
+    word rows at the measured bits per weight per step, allocated as the buffer grows them; fingerprints
     by the steps),
     plus the rest of the measured peak (transients of a step, Python objects) unscaled for the
     estimate and scaled by the weights for an upper bound."""

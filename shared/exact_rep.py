@@ -191,6 +191,32 @@ def _digit_range(s, n):
     return start.astype(np.uint64), (end - start).astype(np.uint64)
 
 
+def next_rows(rows: int, need: int) -> int:
+    """Rows of 16-bit words a buffer holding ``rows`` allocates when a weight needs ``need``.
+
+    Growth by 1/32 (at least to ``need``, at least one row): the words allocated stay within
+    about 3 % of the deepest weight's depth, where doubling wasted up to half of them; the
+    cost of growing stays amortised O(1) per row because ``grow_rows`` extends in place."""
+    return max(need, rows + rows // 32 + 1)
+
+
+def grow_rows(words: np.ndarray, need: int) -> np.ndarray:
+    """``words`` (rows x weights, C order) with at least ``need`` rows, the new rows zero.
+
+    Rows are the leading axis, so appending rows keeps every existing word at its address:
+    ``ndarray.resize`` extends the allocation in place (``realloc``, which remaps the pages
+    of a large block instead of copying them), so the peak is the new size, not old + new.
+    An array that does not own its data, or has views, is copied instead."""
+    rows = next_rows(words.shape[0], need)
+    try:
+        words.resize((rows, words.shape[1]))
+        return words
+    except ValueError:
+        grown = np.zeros((rows, words.shape[1]), dtype=words.dtype)
+        grown[: words.shape[0]] = words
+        return grown
+
+
 class VectorBuffer(_FixedPointOps):
     """Vectorised rANS buffer: a 64-bit head per weight in [2^31, 2^47) plus 16-bit words."""
 
@@ -222,9 +248,7 @@ class VectorBuffer(_FixedPointOps):
         while idx.size:
             d = self.depth[idx]
             if int(d.max()) >= self.words.shape[0]:
-                grown = np.zeros((2 * self.words.shape[0], self.size), dtype=np.uint16)
-                grown[: self.words.shape[0]] = self.words
-                self.words = grown
+                self.words = grow_rows(self.words, int(d.max()) + 1)
             self.words[d, idx] = (self.head[idx] & _LOW16).astype(np.uint16)
             self.depth[idx] = d + 1
             self.head[idx] >>= _SH16
@@ -291,9 +315,7 @@ class FastBuffer(VectorBuffer):
     def _ensure_rows(self, extra: int) -> None:
         need = self._maxd + extra
         if need > self.words.shape[0]:
-            grown = np.zeros((max(need, 2 * self.words.shape[0]), self.size), dtype=np.uint16)
-            grown[: self.words.shape[0]] = self.words
-            self.words = grown
+            self.words = grow_rows(self.words, need)
 
     def mul_fixed(self, c, n) -> np.ndarray:
         from shared import exact_kernels as K

@@ -330,3 +330,57 @@ def test_failed_add_leaves_the_state_untouched(buffer, bad):
     with pytest.raises(FixedPointOverflow):                        # the sum leaves the range at entry 3
         rep2.add(np.full(6, 0.25))
     assert np.array_equal(rep2.c, before2)
+
+
+@pytest.mark.parametrize("buffer", ["vector", "numpy"])
+def test_allocated_words_follow_the_deepest_weight(buffer):
+    """The 16-bit word rows a buffer allocates stay within 1/32 + 1 row of the deepest
+    weight's need (they used to double), and filling then emptying the buffer still
+    restores the empty state, so growing in place keeps every stored word."""
+    rng = np.random.default_rng(11)
+    size, T = 300, 340                               # about 141 words deep: doubling gives 256
+    buf = exact_rep.BUFFERS[buffer](size)
+    n = int(momentum_numerator(0.01))                 # about 6.6 bits per step per weight
+    pushed = []
+    for _ in range(T):
+        r1 = rng.integers(0, D, size)
+        pushed.append((r1, buf.mul_step(r1, n)))
+    words = buf.bits() / 16 / size                    # mean depth in words, all weights alike
+    rows = buf.words.shape[0]
+    assert rows >= words
+    assert rows <= 1.04 * (words + 4) + 2, (rows, words)
+    for r1, r2 in reversed(pushed):
+        assert np.array_equal(buf.div_step(r2, n), r1)
+    assert buf.is_empty()
+
+
+@pytest.mark.parametrize("buffer", BUFFERS)
+def test_exact_rep_words_follow_the_deepest_weight(buffer):
+    """The same bound through ``ExactRep.mul`` (the compiled kernels' path for 'vector'),
+    and the values come back bit for bit after as many divisions."""
+    rng = np.random.default_rng(12)
+    x0 = _initial_values(rng, 200)
+    rep = ExactRep(x0, buffer=buffer)
+    c0 = rep.c.copy()
+    n = int(momentum_numerator(0.01))
+    for t in range(500):
+        rep.mul(n, t)
+    buf = rep.buffer
+    if hasattr(buf, "words"):
+        words = buf.bits() / 16 / x0.size
+        assert buf.words.shape[0] <= 1.04 * (words + 4) + 4, (buf.words.shape[0], words)
+    for t in reversed(range(500)):
+        rep.div(n, t)
+    assert np.array_equal(rep.c, c0) and buf.is_empty()
+
+
+def test_grow_rows_keeps_words_and_copies_what_it_cannot_extend():
+    """``grow_rows`` keeps the stored rows, zero-fills the new ones, and copies an array
+    that does not own its data instead of failing."""
+    words = np.arange(24, dtype=np.uint16).reshape(4, 6)
+    kept = words.copy()
+    grown = exact_rep.grow_rows(words, 9)
+    assert grown.shape == (9, 6) and np.array_equal(grown[:4], kept) and not grown[4:].any()
+    view = np.arange(48, dtype=np.uint16).reshape(8, 6)[:4]
+    grown = exact_rep.grow_rows(view, 5)
+    assert grown.shape[0] >= 5 and np.array_equal(grown[:4], view) and not grown[4:].any()
