@@ -62,7 +62,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 
-from gpu_ver import theano_fixes
+from gpu_ver import clcache, theano_fixes
 from shared.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "opencl")   # kinds; a specific GPU: cuda1, opencl0:1
@@ -123,6 +123,8 @@ def probe_gpu(kind: str = "cuda", platform: int = 0) -> tuple:
     if importlib.util.find_spec("pygpu") is None:
         return 0, "pygpu (libgpuarray's Python module) is not installed (scripts/opencl_setup.sh installs it)"
     what = "CUDA" if kind == "cuda" else f"OpenCL (platform {platform})"
+    if kind == "opencl":
+        clcache.install(default_cache_dir())      # before libgpuarray first opens OpenCL
     try:
         import pygpu.gpuarray as ga  # noqa: PLC0415 (optional dependency)
         if kind == "opencl" and platform >= int(ga.count_platforms("opencl")):
@@ -372,9 +374,14 @@ def info() -> dict:
         "gpu_probe": why_cuda,
         "opencl_probe": why_ocl,
         "opencl_devices": n_ocl,
+        "opencl_binary_cache": _cache_line(clcache.install(default_cache_dir())),
         "theano_fixes": theano_fixes.status() if kind != "cpu" else "not needed on the cpu device",
         "python": sys.version.split()[0],
     }
+
+
+def _cache_line(st) -> str:
+    return f"on: {st.reason}" if st.active else f"off: {st.reason}"
 
 
 def settings_dict(s: Settings) -> dict:
