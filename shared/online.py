@@ -115,6 +115,18 @@ class CheckProblem(NamedTuple):
     l2: np.ndarray
 
 
+def check_batch(p: CheckProblem, t) -> tuple:
+    """(X, y) of training minibatch t of the check problem."""
+    i = p.batches[t]
+    return p.X[i], p.y[i]
+
+
+def check_val_batch(p: CheckProblem, t) -> tuple:
+    """(Xv, yv) of validation minibatch t of the check problem (T1-T2's C2 batch)."""
+    i = p.val_batches[t]
+    return p.Xv[i], p.yv[i]
+
+
 CHECK_WARMUP = 3
 
 
@@ -318,6 +330,18 @@ def record_due(t, eval_every, steps) -> bool:
 
 # ---------------------------------------------------------------------------
 # ``--hypers-from`` for the ``adaptive`` commands (both backends)
+
+QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def block_quantiles(layout, values, quantiles=QUANTILES) -> list:
+    """Per block, the quantiles of per-parameter ``values`` (a number gives the same row
+    for every block): a list (blocks) of lists (quantiles)."""
+    if np.ndim(values) == 0:
+        return [[float(values)] * len(quantiles) for _ in layout.names]
+    v = np.asarray(values)
+    return [np.quantile(v[layout.slice(b)], quantiles).tolist() for b in range(layout.n_blocks)]
+
 
 def _per_param_lr(method: str, granularity: str) -> bool:
     """Whether ``method`` starts from one learning rate per parameter (else from one value)."""

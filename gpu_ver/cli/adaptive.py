@@ -1,4 +1,4 @@
-"""``python -m gpu_ver adaptive``: one online run on the Theano backend (gpu_ver/adaptive.py),
+"""``python -m gpu_ver adaptive``: one online run on the Theano backend (gpu_ver/online/),
 beside plain SGD (Nesterov SGD for sgdn-hd, Adam for adam-hd) for the same steps, seed
 and minibatches, with curves, hyperparameter trajectories, plots and results.json.
 
@@ -176,7 +176,7 @@ def run_adaptive(args) -> dict:
     from gpu_ver import config  # noqa: PLC0415
 
     theano = config.load()
-    from gpu_ver import adaptive as ad  # noqa: PLC0415 (after config.load)
+    from gpu_ver import online as ad  # noqa: PLC0415 (after config.load)
     from gpu_ver import models as M  # noqa: PLC0415
     from gpu_ver.__main__ import PROG  # noqa: PLC0415
     from shared.interrupt import resumable  # noqa: PLC0415
@@ -271,7 +271,7 @@ def run_adaptive_command(args) -> int:
 
 
 def main(argv=None):
-    """Stand-alone entry (``python -m gpu_ver.adaptive_cli``) until ``gpu_ver.__main__`` registers it."""
+    """Stand-alone entry (``python -m gpu_ver.cli.adaptive``) until ``gpu_ver.__main__`` registers it."""
     from shared.errors import HPOError  # noqa: PLC0415
 
     p = add_adaptive_arguments(argparse.ArgumentParser(prog="python -m gpu_ver adaptive", description=__doc__,
