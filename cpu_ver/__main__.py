@@ -23,7 +23,7 @@ import numpy as np
 from shared import cli
 from shared.errors import ConfigError
 from shared.interrupt import deferred, report, resumable, resume_argv
-from shared.online import CHECKPOINTS
+from shared.online_cli import CHECKPOINTS
 
 PROG = "python -m cpu_ver"
 PACKAGES = ("numpy", "scipy", "autograd")

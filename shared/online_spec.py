@@ -23,8 +23,50 @@ import numpy as np
 
 from shared.coverage import check_coverage
 from shared.errors import ConfigError
-from shared.online import (GRANULARITIES, GRANULARITY_ALIASES, METHOD_NAMES, PLAIN_NAMES, check_clip, check_decay,
-                           check_l2, check_meta_step, check_positive)
+
+METHOD_NAMES = ("hd", "sgdn-hd", "adam-hd", "almeida", "idbd", "smd", "t1t2", "combined")
+PLAIN_NAMES = ("sgd", "sgdn", "adam")
+GRANULARITIES = ("global", "block", "unit", "param")
+BASELINE_OF = {"sgdn-hd": "sgdn", "adam-hd": "adam"}   # the plain optimiser each method is compared with
+GRANULARITY_ALIASES = {"layer": "block", "per-layer": "block", "per-block": "block",
+                        "per-unit": "unit", "per-param": "param", "parameter": "param", "scalar": "global"}
+
+
+def check_meta_step(name, value):
+    if not np.isfinite(value) or value < 0:
+        raise ConfigError(f"meta step size {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_positive(name, value):
+    if not np.all(np.isfinite(value)) or np.any(np.asarray(value) <= 0):
+        raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
+    return value
+
+
+def check_decay(name, value):
+    if not np.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"trace decay {name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_clip(clip):
+    if clip is None:
+        return None
+    if not np.isfinite(clip) or clip <= 0:
+        raise ConfigError(f"hypergradient clip must be > 0 (or None for no clipping), got {clip!r}")
+    return float(clip)
+
+
+def check_l2(l2, n):
+    a = np.asarray(l2, dtype=float)
+    if a.ndim == 0:
+        if not np.isfinite(a) or a < 0:
+            raise ConfigError(f"l2 must be finite and >= 0, got {l2!r}")
+        return float(a)
+    if a.shape != (n,) or not np.all(np.isfinite(a)) or np.any(a < 0):
+        raise ConfigError(f"l2 must be a number or a per-parameter array of length {n}, finite and >= 0")
+    return a
 
 
 class Option(NamedTuple):
@@ -142,7 +184,8 @@ def _plain(name):
 
 
 def _hd(name, optimizer):
-    return MethodSpec(name, (Option("lr", 1e-3, _positive("initial learning rate")), Option("beta", 1e-3, _meta("beta")),
+    return MethodSpec(name, (Option("lr", 1e-3, _positive("initial learning rate")),
+                             Option("beta", 1e-3, _meta("beta")),
                              Option("granularity", "global", check_granularity), Option("log_space", False), L2,
                              *MOMENTS, CLIP, Option("lr_min", 1e-12, _lr_min)), {"optimizer": optimizer},
                       grouping="granularity")
@@ -155,7 +198,8 @@ SPECS = {
                                       Option("beta", 1e-2, _meta("beta")), Option("gamma", 0.99, _decay("gamma")),
                                       L2, CLIP)),
     "idbd": MethodSpec("idbd", (Option("lr", 1e-3, _positive("initial learning rate")),
-                                Option("theta", 1e-2, _meta("theta")), Option("trace_decay", 1.0, _decay("trace_decay")),
+                                Option("theta", 1e-2, _meta("theta")),
+                                Option("trace_decay", 1.0, _decay("trace_decay")),
                                 Option("curvature", "diag", _one_of("idbd curvature", ("diag", "hvp"))), L2, CLIP),
                        needs_hvp=lambda o: o["curvature"] == "hvp" and o["trace_decay"] > 0),
     "smd": MethodSpec("smd", (Option("lr", 1e-3, _positive("initial learning rate")), Option("mu", 1e-2, _meta("mu")),

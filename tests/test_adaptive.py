@@ -270,7 +270,7 @@ def test_run_adaptive_writes_results_and_is_reproducible(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["combined", "idbd"])
 def test_run_adaptive_resumes_to_the_same_results(tmp_path, monkeypatch, method):
-    from shared.online import CHECKPOINTS  # noqa: PLC0415
+    from shared.online_cli import CHECKPOINTS  # noqa: PLC0415
     from shared.records import load_checkpoint  # noqa: PLC0415
 
     def metrics(d):

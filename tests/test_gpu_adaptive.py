@@ -24,7 +24,7 @@ from gpu_ver.online.grouping import theano, tt  # noqa: E402
 from gpu_ver import models as M  # noqa: E402
 from shared.errors import ConfigError, NonFiniteError  # noqa: E402
 from shared.interrupt import StopRequested  # noqa: E402
-from shared.online import CHECKPOINTS  # noqa: E402
+from shared.online_cli import CHECKPOINTS  # noqa: E402
 
 FD_TOL, CROSS_TOL = 1e-6, 1e-10
 ALL_CHECKS = list(ad.CHECK_CONFIGS) + list(ad.TRACE_NAMES)

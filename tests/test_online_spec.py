@@ -22,8 +22,8 @@ from gpu_ver.online import rules as gpu_rules  # noqa: E402
 from gpu_ver.online.crosscheck import rel_difference  # noqa: E402
 from gpu_ver.online.grouping import tt  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
-from shared.online import check_l2, check_meta_step, check_positive  # noqa: E402
-from shared.online_spec import SPECS, MethodSpec, Option, check_granularity, method_spec  # noqa: E402
+from shared.online_spec import (SPECS, MethodSpec, Option, check_granularity, check_l2, check_meta_step,  # noqa: E402
+                                 check_positive, method_spec)
 
 FD_TOL, CROSS_TOL = 1e-6, 1e-10      # as tests/test_gpu_adaptive.py (FD: O(h^4) stencil; cross: rounding)
 
@@ -77,6 +77,7 @@ def test_toy_method_is_cross_checked_between_the_backends(problem, granularity):
     assert set(mine) == set(theirs) == {"lr"}
     assert np.all(mine["lr"].value != 0)                            # the check is not vacuous
     assert cpu.fd_check(mine["lr"]) < FD_TOL
+    assert rel_difference(gpu.method_onestep(run.method, problem)["lr"].value, mine["lr"].value) < CROSS_TOL
     assert gpu.fd_check(theirs["lr"]) < FD_TOL
     assert rel_difference(theirs["lr"].value, mine["lr"].value) < CROSS_TOL
     # the rule ran as written: the steps moved the log rates by +-beta per group

@@ -31,10 +31,11 @@ import numpy as np
 
 from cpu_ver import online as ad
 from cpu_ver.models import MLP, parse_layers
-from shared.online import (BASELINE_OF, CHECKPOINTS, add_run_arguments, baseline_kwargs, baseline_metrics,
-                           check_checkpoint_options, check_validation_split, final_metrics, jsonable_start,
-                           kwargs_from_start, resolve_run_dir, resume_command, run_identity, start_from_hypers,
-                           stop_for_baseline)
+from shared.online import check_validation_split
+from shared.online_cli import (CHECKPOINTS, add_run_arguments, baseline_kwargs, baseline_metrics,
+                               check_checkpoint_options, final_metrics, jsonable_start, kwargs_from_start,
+                               resolve_run_dir, resume_command, run_identity, start_from_hypers, stop_for_baseline)
+from shared.online_spec import BASELINE_OF
 from shared.cli import add_l2_on_argument, invocation
 from shared.errors import ConfigError
 

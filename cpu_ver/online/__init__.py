@@ -16,6 +16,7 @@ from cpu_ver.online.rules import (AlmeidaState, CombinedState, GradInfo, HDState
                                   idbd, make_method, plain, smd, t1t2)
 from cpu_ver.online.run import (grad_and_hvp, state_arrays, state_from_arrays, state_step, step,  # noqa: F401
                                 train_online)
-from shared.online import (CHECK_CONFIGS, CHECK_WARMUP, GRANULARITIES, METHOD_NAMES, PLAIN_NAMES,  # noqa: F401
-                           QUANTILES, TRACE_HORIZON, TRACE_NAMES, CheckProblem, OneStep, block_quantiles,
+from shared.online import (CHECK_CONFIGS, CHECK_WARMUP, QUANTILES,  # noqa: F401
+                           TRACE_HORIZON, TRACE_NAMES, CheckProblem, OneStep, block_quantiles,
                            build_check_problem, check_batch, check_val_batch, fd_check, fd_directional)
+from shared.online_spec import GRANULARITIES, METHOD_NAMES, PLAIN_NAMES  # noqa: F401

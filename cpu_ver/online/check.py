@@ -67,7 +67,7 @@ def one_step_hypergradient(method: Method, model, w, state, batch, next_batch, v
         gr = make_grouping(model.layout, c["l2_groups"])
         cm = coverage_mask(model.layout, c.get("l2_on", "all"))
         cm = 1.0 if cm is None else cm
-        eta = method.lr(s1) if name == "combined" else c["lr"]
+        eta = method.lr_of(s1) if name == "combined" else c["lr"]
         Xb, yb = batch
         Xv, yv = val_batch
         use_next = c["at"] == "next"

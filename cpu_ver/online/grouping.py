@@ -15,8 +15,8 @@ import numpy as np
 from shared.errors import ConfigError
 from shared.hyperparams import unit_index
 from shared.layout import ParamLayout
-from shared.online import GRANULARITIES
-from shared.online import GRANULARITY_ALIASES as _GRANULARITY_ALIASES
+from shared.online_spec import GRANULARITIES
+from shared.online_spec import GRANULARITY_ALIASES as _GRANULARITY_ALIASES
 
 
 class Grouping(NamedTuple):

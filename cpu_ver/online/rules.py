@@ -88,7 +88,8 @@ Regularisation from held-out data
 Safeguards: positive learning rates (log space, multiplicative guards, or
 projection with a warning); elementwise hypergradient clipping (``clip``);
 a NaN or infinity in a hypergradient, a hyperparameter or the weights raises
-``NonFiniteError`` naming the step; bad options raise ``ConfigError``.
+``NonFiniteError`` naming the step; bad options raise ``ConfigError`` (``make_method``
+checks them against ``shared.online_spec``, the table gpu_ver reads too).
 
 Groups are ``cpu_ver.online.grouping``; ``cpu_ver.online.run`` takes a step with the
 autograd MLP and trains; ``cpu_ver.online.check`` holds the one-step checks.
@@ -106,13 +107,12 @@ from shared.coverage import check_coverage
 from shared.coverage import mask as coverage_mask
 from shared.errors import ConfigError, check_finite
 from shared.layout import ParamLayout
-from shared.online import PLAIN_NAMES
-from shared.online_spec import MethodSpec, method_spec, resolve_options
-from shared.online import check_clip as _check_clip
-from shared.online import check_decay as _check_decay
-from shared.online import check_l2 as _check_l2
-from shared.online import check_meta_step as _check_meta_step
-from shared.online import check_positive as _check_positive
+from shared.online_spec import PLAIN_NAMES, MethodSpec, method_spec, resolve_options
+from shared.online_spec import check_clip as _check_clip
+from shared.online_spec import check_decay as _check_decay
+from shared.online_spec import check_l2 as _check_l2
+from shared.online_spec import check_meta_step as _check_meta_step
+from shared.online_spec import check_positive as _check_positive
 
 
 class GradInfo(NamedTuple):
@@ -133,7 +133,7 @@ class Method(NamedTuple):
     """An online method: pure ``init(w0) -> state`` and ``update(info, state, w) -> (w, state)``.
 
     ``l2(state)``: the L2 strengths (float or per-parameter array) the training
-    gradient must use at this step; ``lr(state)`` / ``l2_values(state)``: the
+    gradient must use at this step; ``lr_of(state)`` / ``l2_of(state)``: the
     per-parameter (or scalar) learning rates and L2 strengths, for logging.
     """
     name: str
@@ -141,8 +141,8 @@ class Method(NamedTuple):
     init: Callable
     update: Callable
     l2: Callable
-    lr: Callable
-    l2_values: Callable
+    lr_of: Callable
+    l2_of: Callable
     needs_hvp: bool = False
     needs_val: bool = False
     spec: Optional[MethodSpec] = None      # set for a method built by ``from_spec``
@@ -547,7 +547,7 @@ def combined(layout, lr=1e-2, beta=1e-2, lr_granularity="param", l2_init=1e-4, l
         eta = expand(gr_lr, np.exp(lr_state.hyper))
         return w_new, CombinedState(lr_state, _t1t2_after_step(c, state.reg, w, w_new, eta, info))
 
-    return Method("combined", cfg, init, update, lambda s: s.reg.l2, lambda s: hd.lr(s.lr),
+    return Method("combined", cfg, init, update, lambda s: s.reg.l2, lambda s: hd.lr_of(s.lr),
                   lambda s: s.reg.l2, needs_val=True)
 
 

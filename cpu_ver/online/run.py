@@ -157,8 +157,8 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
         row = {"step": t, "train_loss": tl, "val_loss": model.nll(w, Xv, yv) if len(yv) else float("nan"),
                "val_error": model.error(w, Xv, yv) if len(yv) else float("nan")}
         if record_hypers:
-            row.update(lr_quantiles=block_quantiles(layout, method.lr(state)),
-                       l2_quantiles=block_quantiles(layout, method.l2_values(state)))
+            row.update(lr_quantiles=block_quantiles(layout, method.lr_of(state)),
+                       l2_quantiles=block_quantiles(layout, method.l2_of(state)))
         for k, v in row.items():
             (curves if k in curves else hyp)[k].append(v)
 

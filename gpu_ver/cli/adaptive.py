@@ -40,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_run_arguments,
-                           baseline_kwargs, baseline_metrics, check_checkpoint_options, check_validation_split,
-                           final_metrics, jsonable_start, kwargs_from_start, resolve_run_dir, resume_command,
-                           run_identity, start_from_hypers, stop_for_baseline)
+from shared.online import check_validation_split
+from shared.online_cli import (CHECKPOINTS, add_run_arguments, baseline_kwargs, baseline_metrics,
+                               check_checkpoint_options, final_metrics, jsonable_start, kwargs_from_start,
+                               resolve_run_dir, resume_command, run_identity, start_from_hypers, stop_for_baseline)
+from shared.online_spec import BASELINE_OF, GRANULARITIES, METHOD_NAMES
 from shared.cli import add_l2_on_argument, invocation
 from shared.errors import ConfigError
 

@@ -98,6 +98,14 @@ def reference_onestep(name, problem: CheckProblem, with_loss=True) -> dict:
     return run_onestep(prepared_run(name, problem), problem, with_loss)
 
 
+def method_onestep(method: Method, problem: CheckProblem, with_loss=True) -> dict:
+    """``reference_onestep`` of any ``method`` (compiled here on the check MLP): the twin of
+    cpu_ver's ``method_onestep``."""
+    model = M.MLP(tuple(problem.sizes), problem.activation)
+    run = OnlineRun(model, method, problem.w0, name=method.name.replace("-", "_"))
+    return run_onestep(prepare(run, problem), problem, with_loss)
+
+
 def run_onestep(run: OnlineRun, problem: CheckProblem, with_loss=True) -> dict:
     """``reference_onestep`` of the method of ``run`` (an ``OnlineRun`` on the check MLP at the
     problem's start, ``prepare``), for any method: the twin of cpu_ver's ``method_onestep``."""

@@ -14,7 +14,8 @@ Safeguards: positive learning rates (log space, the max(1/2, .) multiplicative
 guards, or projection onto ``lr_min`` with a warning and a counter), optional
 elementwise hypergradient clipping, monitors whose non-finiteness raises
 ``NonFiniteError`` naming the quantity and the step, ``ConfigError`` for bad
-options (negative meta step, trace decay outside [0, 1], ...).
+options (negative meta step, trace decay outside [0, 1], ...; ``make_method`` checks
+them against ``shared.online_spec``, the table cpu_ver reads too).
 """
 from __future__ import annotations
 
@@ -29,13 +30,12 @@ from shared.coverage import check_coverage
 from shared.coverage import mask as coverage_mask
 from shared.errors import ConfigError
 from shared.layout import ParamLayout
-from shared.online import PLAIN_NAMES
-from shared.online_spec import MethodSpec, method_spec, resolve_options
-from shared.online import check_clip as _check_clip
-from shared.online import check_decay as _check_decay
-from shared.online import check_l2 as _check_l2
-from shared.online import check_meta_step as _check_meta_step
-from shared.online import check_positive as _check_positive
+from shared.online_spec import PLAIN_NAMES, MethodSpec, method_spec, resolve_options
+from shared.online_spec import check_clip as _check_clip
+from shared.online_spec import check_decay as _check_decay
+from shared.online_spec import check_l2 as _check_l2
+from shared.online_spec import check_meta_step as _check_meta_step
+from shared.online_spec import check_positive as _check_positive
 
 theano = config.load()
 tt = theano.tensor

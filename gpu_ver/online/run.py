@@ -251,8 +251,9 @@ def train_online(method: Method, model, data, steps, batch_size, seed=0, eval_ev
     atomically every ``checkpoint_every`` steps (0: never in between), when the loop ends
     and when SIGINT/SIGTERM stops it (``shared.interrupt``: only between two steps, never
     after a compiled step has updated the shared variables but before it was counted).
-    ``resume = (arrays, meta)`` from ``load_checkpoint`` continues from the step it holds; the curves and the state then equal an
-    uninterrupted run's bit for bit (minibatches are a function of (seed, t)).
+    ``resume = (arrays, meta)`` from ``load_checkpoint`` continues from the step it holds;
+    the curves and the state then equal an uninterrupted run's bit for bit (minibatches
+    are a function of (seed, t)).
     ``stop_after``: stop once this many steps are done, as an interruption would.
     The returned curves carry ``steps_done``.
     """
