@@ -157,7 +157,7 @@ def run_onestep(run: OnlineRun, problem: CheckProblem, with_loss=True) -> dict:
 def trace_hypergradient(problem: CheckProblem, horizon=TRACE_HORIZON, method_name="smd") -> OneStep:
     """SMD's (or IDBD-hvp's) Hessian-vector-product trace over ``horizon`` steps with fixed gains
     (mu = theta = 0, no decay): sum(hg) at step horizon + 1 is the derivative of L(w_K; B_K)
-    along log p + c 1 (cpu_ver.adaptive.trace_hypergradient). Returns a OneStep over c."""
+    along log p + c 1 (cpu_ver.online.check.trace_hypergradient). Returns a OneStep over c."""
     if horizon != TRACE_HORIZON:
         raise ConfigError(f"trace check horizon is fixed at {TRACE_HORIZON}")
     p = problem
