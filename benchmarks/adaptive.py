@@ -1,4 +1,4 @@
-"""Online methods (cpu_ver/adaptive.py): step overhead, HD on MNIST, IDBD's optimum.
+"""Online methods (cpu_ver/online/): step overhead, HD on MNIST, IDBD's optimum.
 
 Parts (default: all):
 
@@ -9,7 +9,7 @@ Parts (default: all):
             interleaved with the plain SGD block; the ratio per round is the
             method's mean step time over plain SGD's in the same round, and the
             reported ``overhead`` is the median over rounds. Every method gets
-            its gradient from the same ``model.grad`` (``adaptive.step``).
+            its gradient from the same ``model.grad`` (``online.step``).
             Targets: hd <= 1.05, idbd <= 1.15, t1t2 (every 10) <= 1.3; smd reported.
 --hd-mnist  Logistic regression 784-10, alpha_0 = 1e-3, beta = 1e-3, batch 128,
             plain SGD vs SGD-HD (Baydin et al. 2018), three seeds, as many
@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cpu_ver import adaptive as ad  # noqa: E402
+from benchmarks import idbd_tracking as tracking  # noqa: E402
+from cpu_ver import online as ad  # noqa: E402
 from cpu_ver.models import MLP  # noqa: E402
 
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
@@ -234,11 +235,11 @@ def hd_mnist(seeds=(0, 1, 2), steps=4690, alpha0=1e-3, beta=1e-3, batch=128, eva
 
 def idbd_part(steps=30000, n_rep=20, theta=2e-2, q=(1e-3, 1e-2, 1e-1), r=1.0, fig_path=None):
     q = np.asarray(q)
-    K = ad.kalman_optimal_step(q, r)
+    K = tracking.kalman_optimal_step(q, r)
     out = {"q": q.tolist(), "r": r, "theta": theta, "steps": steps, "n_rep": n_rep, "kalman_gain": K.tolist()}
     traj = {}
     for a0 in (0.5, 0.005):
-        ts, A = ad.idbd_tracking(q, r, theta, steps, n_rep, alpha0=a0, seed=0)
+        ts, A = tracking.idbd_tracking(q, r, theta, steps, n_rep, alpha0=a0, seed=0)
         late = A[len(A) // 2:]
         geo = np.exp(np.log(late).mean(axis=(0, 2)))
         out[f"alpha0={a0}"] = {"alpha_late_geomean": geo.tolist(), "ratio_to_optimum": (geo / K).tolist()}
@@ -263,7 +264,7 @@ def idbd_part(steps=30000, n_rep=20, theta=2e-2, q=(1e-3, 1e-2, 1e-1), r=1.0, fi
         ax[0].legend()
         a = np.logspace(-3, np.log10(0.9), 400)
         for j, qq in enumerate(q):
-            ax[1].plot(a, ad.tracking_mse(a, qq, r), color=f"C{j}", label=f"q={qq:g}")
+            ax[1].plot(a, tracking.tracking_mse(a, qq, r), color=f"C{j}", label=f"q={qq:g}")
             ax[1].axvline(K[j], color=f"C{j}", ls="--", lw=0.8)
         ax[1].set_xscale("log")
         ax[1].set_yscale("log")

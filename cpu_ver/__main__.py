@@ -23,7 +23,7 @@ import numpy as np
 from shared import cli
 from shared.errors import ConfigError
 from shared.interrupt import deferred, report, resumable, resume_argv
-from shared.online import CHECKPOINTS
+from shared.online_cli import CHECKPOINTS
 
 PROG = "python -m cpu_ver"
 PACKAGES = ("numpy", "scipy", "autograd")
@@ -227,7 +227,7 @@ def cmd_check(args):
     timings = {"hypergradients_s": time.perf_counter() - t0}
     rows = [(m, g, a, n, e) for m, rs in table.items() for (g, a, n, e) in rs]
     try:
-        from cpu_ver import adaptive
+        from cpu_ver import online as adaptive
         t0 = time.perf_counter()
         for m, e in adaptive.check_all(tol=args.tol).items():
             rows.append((f"adaptive:{m}", "one-step", float("nan"), float("nan"), float(e)))
@@ -253,7 +253,7 @@ def cmd_check(args):
 
 
 def cmd_adaptive(args):
-    from cpu_ver.adaptive_cli import run_adaptive
+    from cpu_ver.cli.adaptive import run_adaptive
     run_adaptive(args)
 
 
@@ -294,7 +294,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
 
     a = sub.add_parser("adaptive", help="online hyperparameter adaptation during one training run")
-    from cpu_ver.adaptive_cli import add_adaptive_arguments
+    from cpu_ver.cli.adaptive import add_adaptive_arguments
     add_adaptive_arguments(a)
     a.set_defaults(func=cmd_adaptive)
 

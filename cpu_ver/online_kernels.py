@@ -1,4 +1,4 @@
-"""Compiled (numba) elementwise kernels for the online methods of ``cpu_ver.adaptive``.
+"""Compiled (numba) elementwise kernels for the online methods of ``cpu_ver.online``.
 
 A per-parameter method touches every parameter at every step; written as numpy
 expressions its update is a dozen passes over arrays as large as the model plus
@@ -150,7 +150,7 @@ _idbd_diag_pass = _make_idbd_pass(True)
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"})
 def idbd_kernel(g, h, b, w, theta, decay, clip, w_new, b_new, h_new):
-    """One IDBD step (``cpu_ver.adaptive.idbd``, diagonal curvature, d = 0):
+    """One IDBD step (``cpu_ver.online.rules.idbd``, diagonal curvature, d = 0):
 
         hg = clip(g h);  b' = b - theta hg;  a = e^{b'}
         w' = w - a g;    h' = decay h - a g

@@ -174,23 +174,32 @@ def n_units(layout: ParamLayout) -> int:
     return int(sum(units_of_block(s) for s in layout.shapes))
 
 
-def unit_index(layout: ParamLayout) -> np.ndarray:
+def unit_index(layout: ParamLayout, bias_joins_weights: bool = False) -> np.ndarray:
     """Unit ``u(i)`` of every flat coordinate (int array of length ``layout.size``).
 
-    Units are numbered block by block in layout order; inside a block: the
-    column for a 2-D block (flat C order, so ``i % fan_out``), the entry for a
-    1-D block, the index on axis 0 for a block of 3 or more dimensions.
+    The one definition of a "unit" for both backends. Units are numbered block by
+    block in layout order; inside a block: the column for a 2-D block (flat C order,
+    so ``i % fan_out``), the entry for a 1-D block, the index on axis 0 for a block
+    of 3 or more dimensions (a convolution kernel's output channel), one unit for a
+    0-D block. ``bias_joins_weights`` (the online methods' ``unit`` groups: the
+    incoming weights and bias of one unit): a 1-D block of ``fan_out`` entries right
+    after a 2-D block (its bias) takes that block's column units instead of new ones.
     """
-    parts, u0 = [], 0
+    parts, u0, last = [], 0, None        # last: (first unit, fan_out) of the 2-D block just before
     for shape in layout.shapes:
         shape = tuple(int(d) for d in shape)
         size = int(np.prod(shape, dtype=np.int64))
+        if bias_joins_weights and len(shape) == 1 and last is not None and shape[0] == last[1]:
+            parts.append(np.arange(last[0], last[0] + shape[0], dtype=np.intp))
+            last = None
+            continue
         if len(shape) == 0:
             idx = np.zeros(size, dtype=np.intp)
         elif len(shape) == 2:
             idx = np.tile(np.arange(shape[1], dtype=np.intp), shape[0])
         else:
             idx = np.repeat(np.arange(shape[0], dtype=np.intp), size // shape[0] if shape[0] else 0)
+        last = (u0, shape[1]) if len(shape) == 2 else None
         parts.append(idx + u0)
         u0 += units_of_block(shape)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.intp)

@@ -1,4 +1,4 @@
-"""Online methods (cpu_ver/adaptive.py): one-step hypergradients against central
+"""Online methods (cpu_ver/online/): one-step hypergradients against central
 finite differences, IDBD's analytic optimum, the HD direction on real digits,
 safeguards and bad input, and the ``adaptive`` command."""
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpu_ver import adaptive as ad
-from cpu_ver.adaptive_cli import add_adaptive_arguments, run_adaptive
+from benchmarks import idbd_tracking as tracking
+from cpu_ver import online as ad
+from cpu_ver.online import run as online_run
+from cpu_ver.cli.adaptive import add_adaptive_arguments, run_adaptive
 from cpu_ver.models import MLP
 from shared.errors import ConfigError, NonFiniteError
 from shared.interrupt import StopRequested
@@ -61,11 +63,11 @@ def test_one_step_value_is_what_the_rule_follows(problem):
     model = MLP(problem.sizes, problem.activation)
     m = ad.make_method("hd", model.layout, lr=0.2, beta=0.05, l2=problem.l2)
     w, s = problem.w0, m.init(problem.w0)
-    w1, s1 = ad.step(m, model, w, s, ad._batch(problem, 0))
-    o = ad.one_step_hypergradient(m, model, w, s, ad._batch(problem, 0), ad._batch(problem, 1), None)["lr"]
-    _, s2 = ad.step(m, model, w1, s1, ad._batch(problem, 1))
+    w1, s1 = ad.step(m, model, w, s, ad.check_batch(problem, 0))
+    o = ad.one_step_hypergradient(m, model, w, s, ad.check_batch(problem, 0), ad.check_batch(problem, 1), None)["lr"]
+    _, s2 = ad.step(m, model, w1, s1, ad.check_batch(problem, 1))
     assert np.allclose(s2.hyper, s1.hyper - 0.05 * o.value, rtol=0, atol=1e-15)
-    assert np.isclose(o.loss(o.hyper), model.loss(w1, problem.l2, *ad._batch(problem, 1)), rtol=1e-14)
+    assert np.isclose(o.loss(o.hyper), model.loss(w1, problem.l2, *ad.check_batch(problem, 1)), rtol=1e-14)
 
 
 def test_check_all_and_reference_are_deterministic():
@@ -86,10 +88,10 @@ def test_smd_lambda0_is_the_one_step_rule(problem):
     m = ad.make_method("smd", model.layout, lr=0.1, mu=0.0, lam=0.0, l2=problem.l2)
     assert not m.needs_hvp
     w, s = problem.w0, m.init(problem.w0)
-    w1, s1 = ad.step(m, model, w, s, ad._batch(problem, 0))
-    _, s2 = ad.step(m, model, w1, s1, ad._batch(problem, 1))
-    g0 = model.grad(w, problem.l2, *ad._batch(problem, 0))
-    g1 = model.grad(w1, problem.l2, *ad._batch(problem, 1))
+    w1, s1 = ad.step(m, model, w, s, ad.check_batch(problem, 0))
+    _, s2 = ad.step(m, model, w1, s1, ad.check_batch(problem, 1))
+    g0 = model.grad(w, problem.l2, *ad.check_batch(problem, 0))
+    g1 = model.grad(w1, problem.l2, *ad.check_batch(problem, 1))
     assert np.allclose(s2.hg, -0.1 * g0 * g1, rtol=1e-12, atol=0)
 
 
@@ -99,16 +101,16 @@ def test_smd_lambda0_is_the_one_step_rule(problem):
 def test_kalman_gain_minimises_tracking_mse():
     q = np.array([1e-3, 1e-2, 1e-1])
     a = np.linspace(1e-3, 0.9, 50001)
-    best = np.array([a[np.argmin(ad.tracking_mse(a, qq, 1.0))] for qq in q])
-    assert np.allclose(best, ad.kalman_optimal_step(q, 1.0), rtol=1e-3)
+    best = np.array([a[np.argmin(tracking.tracking_mse(a, qq, 1.0))] for qq in q])
+    assert np.allclose(best, tracking.kalman_optimal_step(q, 1.0), rtol=1e-3)
 
 
 @pytest.mark.parametrize("alpha0", [0.5, 0.005])
 def test_idbd_recovers_optimal_step_size(alpha0):
     """From far above and far below, IDBD's step sizes settle within 10% of the optimum."""
     q = np.array([1e-3, 1e-2, 1e-1])
-    K = ad.kalman_optimal_step(q, 1.0)
-    _, A = ad.idbd_tracking(q, 1.0, theta=2e-2, steps=30000, n_rep=10, alpha0=alpha0, seed=1)
+    K = tracking.kalman_optimal_step(q, 1.0)
+    _, A = tracking.idbd_tracking(q, 1.0, theta=2e-2, steps=30000, n_rep=10, alpha0=alpha0, seed=1)
     late = np.exp(np.log(A[len(A) // 2:]).mean(axis=(0, 2)))
     assert np.all(np.abs(late / K - 1) < 0.10), (late, K)
 
@@ -190,7 +192,7 @@ def test_non_finite_raises_naming_the_step():
     p = ad.build_check_problem(0)
     m = ad.make_method("hd", model.layout, lr=0.1, beta=0.01)
     w, s = p.w0, m.init(p.w0)
-    w, s = ad.step(m, model, w, s, ad._batch(p, 0))
+    w, s = ad.step(m, model, w, s, ad.check_batch(p, 0))
     g = np.full_like(w, np.nan)
     with pytest.raises(NonFiniteError, match="step 1"):
         m.update(ad.GradInfo(g), s, w)
@@ -207,14 +209,14 @@ def test_additive_hd_projects_with_a_warning_and_log_space_stays_positive(proble
     w, s = problem.w0, m.init(problem.w0)
     with pytest.warns(RuntimeWarning, match="projected"):
         for t in range(6):
-            w, s = ad.step(m, model, w, s, ad._batch(problem, t))
+            w, s = ad.step(m, model, w, s, ad.check_batch(problem, t))
     assert s.n_projected > 0 and np.all(s.hyper >= 1e-12)
     m = ad.make_method("hd", model.layout, lr=1e-3, beta=1e3, granularity="block", log_space=True, clip=1.0)
     w, s = problem.w0, m.init(problem.w0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for t in range(6):
-            w, s = ad.step(m, model, w, s, ad._batch(problem, t))
+            w, s = ad.step(m, model, w, s, ad.check_batch(problem, t))
     assert np.all(np.exp(s.hyper) > 0) and np.all(np.abs(s.hg) <= 1.0)
 
 
@@ -234,11 +236,11 @@ def test_update_is_pure(problem):
     for name, (method, kw) in ad.CHECK_CONFIGS.items():
         m = ad.make_method(method, model.layout, **kw)
         s0 = m.init(problem.w0)
-        w1, s1 = ad.step(m, model, problem.w0, s0, ad._batch(problem, 0), ad._val_batch(problem, 0))
-        w1b, s1b = ad.step(m, model, problem.w0, s0, ad._batch(problem, 0), ad._val_batch(problem, 0))
+        w1, s1 = ad.step(m, model, problem.w0, s0, ad.check_batch(problem, 0), ad.check_val_batch(problem, 0))
+        w1b, s1b = ad.step(m, model, problem.w0, s0, ad.check_batch(problem, 0), ad.check_val_batch(problem, 0))
         assert np.array_equal(w1, w1b), name
-        _, s2 = ad.step(m, model, w1, s1, ad._batch(problem, 1), ad._val_batch(problem, 1))
-        _, s2b = ad.step(m, model, w1b, s1b, ad._batch(problem, 1), ad._val_batch(problem, 1))
+        _, s2 = ad.step(m, model, w1, s1, ad.check_batch(problem, 1), ad.check_val_batch(problem, 1))
+        _, s2b = ad.step(m, model, w1b, s1b, ad.check_batch(problem, 1), ad.check_val_batch(problem, 1))
         flat = lambda s: np.concatenate([np.ravel(a) for a in (s if isinstance(s, tuple) else [s])  # noqa: E731
                                          for a in (a if isinstance(a, tuple) else [a])])
         assert np.array_equal(flat(s2), flat(s2b)), name
@@ -268,7 +270,7 @@ def test_run_adaptive_writes_results_and_is_reproducible(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["combined", "idbd"])
 def test_run_adaptive_resumes_to_the_same_results(tmp_path, monkeypatch, method):
-    from shared.online import CHECKPOINTS  # noqa: PLC0415
+    from shared.online_cli import CHECKPOINTS  # noqa: PLC0415
     from shared.records import load_checkpoint  # noqa: PLC0415
 
     def metrics(d):
@@ -297,10 +299,10 @@ def test_run_adaptive_resumes_to_the_same_results(tmp_path, monkeypatch, method)
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(ad, "block_quantiles", interrupt)
+    monkeypatch.setattr(online_run, "block_quantiles", interrupt)
     with pytest.raises(StopRequested):
         run_adaptive(_args(tmp_path / "c", "--method", method))
-    monkeypatch.setattr(ad, "block_quantiles", real)
+    monkeypatch.setattr(online_run, "block_quantiles", real)
     arrays, meta = load_checkpoint(tmp_path / "c" / CHECKPOINTS["adaptive"])
     assert meta["step"] == 20 and arrays["curve/step"].tolist() == [0, 10, 20]
     run_adaptive(_args(tmp_path / "c", "--method", method, "--resume", str(tmp_path / "c")))
@@ -322,14 +324,14 @@ def test_every_method_state_round_trips_through_checkpoint_arrays(tmp_path):
         m = ad.make_method(method, model.layout, **kw)
         w, s = problem.w0, m.init(problem.w0)
         for t in range(2):
-            w, s = ad.step(m, model, w, s, ad._batch(problem, t), ad._val_batch(problem, t))
+            w, s = ad.step(m, model, w, s, ad.check_batch(problem, t), ad.check_val_batch(problem, t))
         arrays, structure = ad.state_arrays(s)
         save_checkpoint(tmp_path / "s.npz", arrays, {"state": structure})
         loaded, meta = load_checkpoint(tmp_path / "s.npz")
         back = ad.state_from_arrays(loaded, meta["state"])
         assert type(back) is type(s), name
-        w1, s1 = ad.step(m, model, w, s, ad._batch(problem, 2), ad._val_batch(problem, 2))
-        w2, s2 = ad.step(m, model, w, back, ad._batch(problem, 2), ad._val_batch(problem, 2))
+        w1, s1 = ad.step(m, model, w, s, ad.check_batch(problem, 2), ad.check_val_batch(problem, 2))
+        w2, s2 = ad.step(m, model, w, back, ad.check_batch(problem, 2), ad.check_val_batch(problem, 2))
         assert np.array_equal(w1, w2), name
         a1, a2 = ad.state_arrays(s1)[0], ad.state_arrays(s2)[0]
         assert a1.keys() == a2.keys() and all(np.array_equal(a1[k], a2[k]) for k in a1), name

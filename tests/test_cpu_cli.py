@@ -119,7 +119,7 @@ def test_meta_plots_the_learned_momentum_and_initial_scales_when_tuned(tmp_path)
 
 
 def test_adaptive_reports_the_baseline_beside_the_adaptive_run(tmp_path):
-    """The same metric names as gpu_ver adaptive (shared.online.final_metrics / baseline_metrics)."""
+    """The same metric names as gpu_ver adaptive (shared.online_cli.final_metrics / baseline_metrics)."""
     import cpu_ver.__main__ as cpu_main
 
     out = tmp_path / "a"

@@ -1,4 +1,4 @@
-"""Online methods on the Theano backend (gpu_ver/adaptive.py, float64, C backend):
+"""Online methods on the Theano backend (gpu_ver/online/, float64, C backend):
 one-step hypergradients against central finite differences and against cpu_ver,
 safeguards and bad input, groups, the lazy T1-T2 hyper step, and the ``adaptive``
 command on a tiny DenseNet."""
@@ -18,12 +18,13 @@ from gpu_ver import config
 
 config.load(device="cpu", floatX="float64")
 
-from gpu_ver import adaptive as ad  # noqa: E402
-from gpu_ver import adaptive_cli as cli  # noqa: E402
+from gpu_ver import online as ad  # noqa: E402
+from gpu_ver.cli import adaptive as cli  # noqa: E402
+from gpu_ver.online.grouping import theano, tt  # noqa: E402
 from gpu_ver import models as M  # noqa: E402
 from shared.errors import ConfigError, NonFiniteError  # noqa: E402
 from shared.interrupt import StopRequested  # noqa: E402
-from shared.online import CHECKPOINTS  # noqa: E402
+from shared.online_cli import CHECKPOINTS  # noqa: E402
 
 FD_TOL, CROSS_TOL = 1e-6, 1e-10
 ALL_CHECKS = list(ad.CHECK_CONFIGS) + list(ad.TRACE_NAMES)
@@ -73,11 +74,11 @@ def test_fd_check_can_fail(problem):
 
 def test_hd_rule_follows_the_checked_hypergradient(problem):
     """SGD-HD moves alpha by exactly -beta times the hypergradient it stores."""
-    run = ad._prepared_run("hd", problem)
+    run = ad.prepared_run("hd", problem)
     for t in range(3):
-        run.step(*ad._b(problem, t))
+        run.step(*ad.check_batch(problem, t))
     a0 = run.state()
-    run.step(*ad._b(problem, 3))
+    run.step(*ad.check_batch(problem, 3))
     a1 = run.state()
     assert np.allclose(a1["hyper"], a0["hyper"] - 0.05 * a1["hg"], rtol=0, atol=1e-15)
     assert np.all(a1["hg"] != 0)
@@ -116,10 +117,10 @@ def test_empty_validation_split_is_config_error(problem):
 
 
 def test_non_finite_loss_names_the_step(problem):
-    run = ad._prepared_run("idbd", problem)
+    run = ad.prepared_run("idbd", problem)
     for t in range(2):
-        run.step(*ad._b(problem, t))
-    X, y = ad._b(problem, 2)
+        run.step(*ad.check_batch(problem, t))
+    X, y = ad.check_batch(problem, 2)
     X = X.copy()
     X[0, 0] = np.nan
     with pytest.raises(NonFiniteError, match="step 2"):
@@ -127,14 +128,14 @@ def test_non_finite_loss_names_the_step(problem):
 
 
 def test_additive_hd_projects_negative_rates_with_warning(problem):
-    run = ad._prepared_run("hd-unit", problem)
+    run = ad.prepared_run("hd-unit", problem)
     a = run.state()
     # tiny rates and a large previous direction: every unit whose gradient sums to < 0 gets hg > 0
     run.set_state(hyper=np.full(a["hyper"].shape, 1e-9), u=np.full(a["u"].shape, 1e3))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for t in range(6):
-            run.step(*ad._b(problem, t))
+            run.step(*ad.check_batch(problem, t))
     a = run.state()
     assert np.all(a["hyper"] >= 1e-12) and a["n_projected"] > 0
     assert sum("projected" in str(r.message) for r in rec) == 1          # warned once per run
@@ -154,10 +155,10 @@ def test_groups_on_densenet_layout():
     x = np.random.default_rng(0).standard_normal(lay.size)
     assert np.allclose(blk.reduce_np(x), [x[lay.slice(b)].sum() for b in range(lay.n_blocks)])
     # symbolic expand/reduce agree with the numpy twins
-    T = ad.T
+    T = tt
     h, v = T.vector("h"), T.vector("v")
     for gr in (unit, blk, ad.Grouping(lay, "global")):
-        f = ad.theano.function([h, v], [gr.expand(h) * v, gr.reduce(v)])
+        f = theano.function([h, v], [gr.expand(h) * v, gr.reduce(v)])
         hv = np.random.default_rng(1).standard_normal(gr.n)
         e, r = f(hv, x)
         assert np.allclose(e, gr.expand_np(hv) * x) and np.allclose(r, gr.reduce_np(x))
@@ -170,7 +171,7 @@ def test_t1t2_every_n_steps_is_lazy_and_exact(problem):
     s0 = run.state()["r_s"].copy()
     ks, changed = [], []
     for t in range(6):
-        run.step(*ad._b(problem, t), *ad._vb(problem, t))
+        run.step(*ad.check_batch(problem, t), *ad.check_val_batch(problem, t))
         a = run.state()
         ks.append(int(a["r_k"]))
         changed.append(not np.array_equal(a["r_s"], s0))

@@ -60,7 +60,7 @@ def test_other_graph_other_key_and_a_corrupt_entry_is_recompiled(cache):
 
 
 def test_online_run_and_drmad_through_the_cache_equal_fresh_compiles(cache, monkeypatch):
-    from gpu_ver import adaptive as ad  # noqa: PLC0415
+    from gpu_ver import online as ad  # noqa: PLC0415
     from gpu_ver import crosscheck as CC  # noqa: PLC0415
     from gpu_ver import drmad as D  # noqa: PLC0415
 
@@ -70,7 +70,7 @@ def test_online_run_and_drmad_through_the_cache_equal_fresh_compiles(cache, monk
 
     def online():
         run = ad.OnlineRun(model, ad.make_method("idbd", model.layout, lr=0.3, theta=0.1), problem.w0)
-        losses = [run.step(*ad._b(problem, t))["loss"] for t in range(3)]
+        losses = [run.step(*ad.check_batch(problem, t))["loss"] for t in range(3)]
         return losses, run.state()
 
     def drmad():

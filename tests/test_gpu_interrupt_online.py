@@ -3,7 +3,7 @@ uninterrupted result bit for bit, wherever SIGINT lands (shared/interrupt.py). `
 chain is in test_gpu_interrupt.py (a file each, so that two test workers share them)."""
 import interrupt_runs as IR
 from shared import interrupt
-from shared.online import CHECKPOINTS
+from shared.online_cli import CHECKPOINTS
 
 
 DRMAD = ["gpu_ver", "drmad", "--model", "mlp", "--dataset", "digits", "--n-train", "200", "--n-val", "100",

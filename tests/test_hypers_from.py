@@ -78,7 +78,7 @@ def test_tuned_groups_follow_the_command(meta_run):
         load_for_run(meta_run, saved.layout, 8, ("nope",))
 
 
-# --- adaptive (both backends share shared.online.start_from_hypers) --------------------------
+# --- adaptive (both backends share shared.online_cli.start_from_hypers) --------------------------
 
 ADAPT_TINY = ["--layers", "64,12,10", "--steps", "8", "--batch", "50", "--n-train", "200", "--n-val", "100",
               "--eval-every", "4", "--no-progress"]
@@ -121,7 +121,7 @@ def test_scalar_values_start_every_method_and_the_baseline(tmp_path):
 
     from shared.hyperparams import standard
     from shared.layout import ParamLayout
-    from shared.online import baseline_kwargs, start_from_hypers
+    from shared.online_cli import baseline_kwargs, start_from_hypers
 
     layout = ParamLayout(("W0", "b0"), ((3, 2), (2,)))
     standard(layout, 5, lr=0.07, momentum=0.5, l2=3e-3, init_scales=[0.1, 0.1], l2_shape="scalar",

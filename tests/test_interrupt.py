@@ -9,7 +9,7 @@ import pytest
 
 import interrupt_runs as IR
 from shared import interrupt
-from shared.online import CHECKPOINTS
+from shared.online_cli import CHECKPOINTS
 
 
 # --------------------------------------------------------------------------- the helper

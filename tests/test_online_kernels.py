@@ -4,7 +4,7 @@ from decimal import Context, Decimal
 import numpy as np
 import pytest
 
-from cpu_ver import adaptive as ad
+from cpu_ver import online as ad
 from cpu_ver import online_kernels as K
 from shared.errors import NonFiniteError
 from shared.layout import ParamLayout

@@ -1,4 +1,4 @@
-"""``python -m gpu_ver adaptive``: one online run on the Theano backend (gpu_ver/adaptive.py),
+"""``python -m gpu_ver adaptive``: one online run on the Theano backend (gpu_ver/online/),
 beside plain SGD (Nesterov SGD for sgdn-hd, Adam for adam-hd) for the same steps, seed
 and minibatches, with curves, hyperparameter trajectories, plots and results.json.
 
@@ -40,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.online import (BASELINE_OF, CHECKPOINTS, GRANULARITIES, METHOD_NAMES, add_run_arguments,
-                           baseline_kwargs, baseline_metrics, check_checkpoint_options, check_validation_split,
-                           final_metrics, jsonable_start, kwargs_from_start, resolve_run_dir, resume_command,
-                           run_identity, start_from_hypers, stop_for_baseline)
+from shared.online import check_validation_split
+from shared.online_cli import (CHECKPOINTS, add_run_arguments, baseline_kwargs, baseline_metrics,
+                               check_checkpoint_options, final_metrics, jsonable_start, kwargs_from_start,
+                               resolve_run_dir, resume_command, run_identity, start_from_hypers, stop_for_baseline)
+from shared.online_spec import BASELINE_OF, GRANULARITIES, METHOD_NAMES
 from shared.cli import add_l2_on_argument, invocation
 from shared.errors import ConfigError
 
@@ -176,7 +177,7 @@ def run_adaptive(args) -> dict:
     from gpu_ver import config  # noqa: PLC0415
 
     theano = config.load()
-    from gpu_ver import adaptive as ad  # noqa: PLC0415 (after config.load)
+    from gpu_ver import online as ad  # noqa: PLC0415 (after config.load)
     from gpu_ver import models as M  # noqa: PLC0415
     from gpu_ver.__main__ import PROG  # noqa: PLC0415
     from shared.interrupt import resumable  # noqa: PLC0415
@@ -271,7 +272,7 @@ def run_adaptive_command(args) -> int:
 
 
 def main(argv=None):
-    """Stand-alone entry (``python -m gpu_ver.adaptive_cli``) until ``gpu_ver.__main__`` registers it."""
+    """Stand-alone entry (``python -m gpu_ver.cli.adaptive``) until ``gpu_ver.__main__`` registers it."""
     from shared.errors import HPOError  # noqa: PLC0415
 
     p = add_adaptive_arguments(argparse.ArgumentParser(prog="python -m gpu_ver adaptive", description=__doc__,

@@ -1,4 +1,4 @@
-"""``python -m cpu_ver adaptive``: one online run (cpu_ver/adaptive.py) with curves,
+"""``python -m cpu_ver adaptive``: one online run (cpu_ver/online/) with curves,
 hyperparameter trajectories, plots and results.json.
 
 ``add_adaptive_arguments(parser)`` adds the options to a (sub)parser;
@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cpu_ver import adaptive as ad
+from cpu_ver import online as ad
 from cpu_ver.models import MLP, parse_layers
-from shared.online import (BASELINE_OF, CHECKPOINTS, add_run_arguments, baseline_kwargs, baseline_metrics,
-                           check_checkpoint_options, check_validation_split, final_metrics, jsonable_start,
-                           kwargs_from_start, resolve_run_dir, resume_command, run_identity, start_from_hypers,
-                           stop_for_baseline)
+from shared.online import check_validation_split
+from shared.online_cli import (CHECKPOINTS, add_run_arguments, baseline_kwargs, baseline_metrics,
+                               check_checkpoint_options, final_metrics, jsonable_start, kwargs_from_start,
+                               resolve_run_dir, resume_command, run_identity, start_from_hypers, stop_for_baseline)
+from shared.online_spec import BASELINE_OF
 from shared.cli import add_l2_on_argument, invocation
 from shared.errors import ConfigError
 
@@ -207,7 +208,7 @@ def run_adaptive(args) -> dict:
 
 
 def main(argv=None):
-    """Stand-alone entry (``python -m cpu_ver.adaptive_cli``) until __main__ registers the command."""
+    """Stand-alone entry (``python -m cpu_ver.cli.adaptive``) until __main__ registers the command."""
     p = add_adaptive_arguments(argparse.ArgumentParser(prog="python -m cpu_ver adaptive", description=__doc__,
                                                        formatter_class=argparse.RawDescriptionHelpFormatter))
     argv = list(sys.argv[1:] if argv is None else argv)
