@@ -5,11 +5,12 @@ The runs: ``cpu_ver meta`` on the embedded digits (MLP 64-20-10, T = 20, ``--met
 12, or 4 with ``--quick``), seeds 0-7. The serial side calls ``cpu_ver.__main__.main`` for
 each run in one fresh process, so it pays the interpreter's start and imports once; the
 sweep side is the whole ``python -m cpu_ver sweep`` command (cluster start, one process per
-run, manifest, table). Both sides use one BLAS thread per process (the sweep's setting per
+attempt: a fork of the worker's zygote, or with ``--launch subprocess`` a fresh interpreter;
+manifest, table). Both sides use one BLAS thread per process (the sweep's setting per
 worker). Printed and in ``--json``: ``serial_s``, ``sweep_s`` and ``sweep_over_serial``
 (target <= 0.65 on two cores), and whether the runs' metrics agree (timings aside).
 
-    .venv/bin/python benchmarks/sweep.py [--quick] [--json FILE]
+    .venv/bin/python benchmarks/sweep.py [--quick] [--launch zygote|subprocess] [--json FILE]
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def strip(obj):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="4 meta-iterations per run instead of 12")
+    p.add_argument("--launch", default=None, choices=("zygote", "subprocess"),
+                   help="the sweep's --launch (default: the sweep's default, zygote on Linux)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -80,13 +83,18 @@ def main(argv=None) -> int:
         serial = [["meta", *r.argv(), "--no-progress", "--out", str(tmp / "serial" / r.folder_name)] for r in runs]
         serial_s = timed([sys.executable, "-c", SERIAL.format(runs=serial)], env)
         sweep_s = timed([sys.executable, "-m", "cpu_ver", "sweep", str(spec), "--workers", "2", "--out",
-                         str(tmp / "sweep"), "--no-progress"], env)
+                         str(tmp / "sweep"), "--no-progress", *(["--launch", args.launch] if args.launch else [])],
+                        env)
+        launch = sorted({e.get("launch") for e in
+                         json.loads((tmp / "sweep" / "manifest.json").read_text())["runs"].values()})
         same = all(strip(json.loads((tmp / "serial" / r.folder_name / "results.json").read_text())["metrics"]) ==
                    strip(json.loads((tmp / "sweep" / "runs" / r.folder_name / "results.json").read_text())["metrics"])
                    for r in runs)
-    out = {"runs": len(runs), "workers": 2, "meta_iters": 4 if args.quick else 12, "serial_s": serial_s,
+    out = {"runs": len(runs), "workers": 2, "launch": launch, "meta_iters": 4 if args.quick else 12,
+           "serial_s": serial_s,
            "sweep_s": sweep_s, "sweep_over_serial": sweep_s / serial_s, "same_metrics": same}
-    print(f"{len(runs)} runs: serial in one process {serial_s:.1f} s, sweep on 2 workers {sweep_s:.1f} s, "
+    print(f"{len(runs)} runs: serial in one process {serial_s:.1f} s, sweep on 2 workers ({'/'.join(launch)}) "
+          f"{sweep_s:.1f} s, "
           f"ratio {out['sweep_over_serial']:.3f} (target <= 0.65); metrics equal: {same}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
