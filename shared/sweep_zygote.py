@@ -43,9 +43,11 @@ import sys
 # backend -> modules imported before the first fork (those its commands import as they run)
 WARM = {
     "cpu_ver": ("cpu_ver.__main__", "cpu_ver.meta", "cpu_ver.reversible", "cpu_ver.drmad", "cpu_ver.fdcheck",
-                "cpu_ver.adaptive", "cpu_ver.adaptive_cli", "cpu_ver.plots", "shared.records", "shared.online",
+                "cpu_ver.adaptive", "cpu_ver.adaptive_cli", "cpu_ver.plots", "cpu_ver.online_kernels", "shared.records",
+                "shared.online", "shared.exact_kernels",
                 "sklearn.datasets", "matplotlib.pyplot"),
-    "gpu_ver": ("gpu_ver.__main__", "shared.records", "shared.online", "scipy.linalg", "sklearn.datasets",
+    "gpu_ver": ("gpu_ver.__main__", "shared.records", "shared.online", "shared.exact_kernels", "scipy.linalg",
+                "sklearn.datasets",
                 "matplotlib.pyplot"),
 }
 PR_SET_PDEATHSIG = 1
@@ -57,13 +59,40 @@ def available() -> bool:
 
 
 def warm(backend: str) -> None:
-    """Import ``WARM[backend]`` (matplotlib with the Agg backend, as the commands select it)."""
+    """Import ``WARM[backend]`` (matplotlib with the Agg backend, as the commands select it),
+    then load the compiled numba kernels of the project's modules from numba's disk cache."""
     for name in WARM.get(backend, (f"{backend}.__main__",)):
         if name == "matplotlib.pyplot":
             import matplotlib  # noqa: PLC0415
 
             matplotlib.use("Agg")
         importlib.import_module(name)
+    load_numba_caches([m for name, m in list(sys.modules.items()) if name.split(".")[0] in (backend, "shared")])
+
+
+def load_numba_caches(modules) -> int:
+    """Load into each ``numba.njit(cache=True)`` kernel of ``modules`` the machine code numba's
+    disk cache holds for it (every signature compiled before, for this CPU and source), as
+    its first call would; nothing is compiled. The number of signatures loaded. Uses numba's
+    cache index (an internal of numba 0.57): on any difference it loads nothing, and the
+    child's first call loads the kernel as a fresh process does."""
+    dispatcher = getattr(sys.modules.get("numba.core.dispatcher"), "Dispatcher", None)
+    if dispatcher is None:
+        return 0
+    loaded = 0
+    for module in modules:
+        for obj in list(vars(module).values()):
+            if not isinstance(obj, dispatcher) or getattr(obj, "_cache", None) is None:
+                continue
+            try:
+                magic = obj.targetctx.codegen().magic_tuple()
+                for key in obj._cache._cache_file._load_index():
+                    if key[1] == magic and obj._cache.load_overload(key[0], obj.targetctx) is not None:
+                        obj.compile(key[0])        # found in the cache just now: loads, does not compile
+                        loaded += 1
+            except Exception:           # noqa: BLE001 (a warm-up only)
+                continue
+    return loaded
 
 
 def exit_code(code) -> int:
