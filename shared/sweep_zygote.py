@@ -209,6 +209,9 @@ def serve(backend: str) -> int:
     sigint = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the runs' and the driver's, not ours
     warm(backend)
+    import gc  # noqa: PLC0415
+
+    gc.freeze()         # the imported modules' objects: never collected, so no child's collector touches their pages
     answers.write(json.dumps({"ready": True}) + "\n")
     keep = (answers.fileno(),)         # the child's fd 0 goes to /dev/null over the requests
     for request in _lines(0):
