@@ -57,6 +57,29 @@ def add_sweep_arguments(p) -> None:
     p.add_argument("--list", action="store_true", help="print the runs and their folders, run nothing")
     cli.add_overwrite_argument(p.add_argument)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--launch", default=None, choices=("zygote", "subprocess"),
+                   help="how a worker starts each attempt: a fork of its zygote, a process that has imported "
+                        "the backend once (default on Linux), or a fresh python subprocess (the default elsewhere)")
+    one_line_errors(p)
+
+
+def one_line_errors(p) -> None:
+    """Usage errors of the sweep's parser ``p`` (an invalid choice, a missing SPEC, an unknown
+    option) end as every other bad input does (``cli.run_guarded``): one ``error: ...`` line
+    on stderr and exit status 2, without the usage text."""
+    def error(message):
+        p.exit(2, f"error: {message}\n")
+
+    parse_known = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extra = parse_known(args, namespace)
+        if extra:
+            error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns, extra
+
+    p.error = error
+    p.parse_known_args = parse_known_args
 
 
 def find_spec(text: str) -> Path:
@@ -126,10 +149,15 @@ def _prepare(args):
     from shared import sweep_manifest, sweep_spec  # noqa: PLC0415
     from shared.records import run_files  # noqa: PLC0415
 
+    from shared import sweep_exec, sweep_zygote  # noqa: PLC0415
+
     for name, lo in (("workers", 1), ("retries", 0), ("limit", 1)):
         v = getattr(args, name)
         if v is not None and v < lo:
             raise ConfigError(f"--{name} must be an integer >= {lo}, got {v}")
+    if args.launch == "zygote" and not sweep_zygote.available():
+        raise ConfigError("--launch zygote needs fork and PR_SET_PDEATHSIG (Linux); use --launch subprocess")
+    launch = args.launch or sweep_exec.default_launch()
     spec = sweep_spec.load(find_spec(args.spec), args.scale)
     if args.limit is not None:
         spec = dataclasses.replace(spec, runs=spec.runs[:args.limit])
@@ -151,7 +179,7 @@ def _prepare(args):
                               f"({', '.join(held[:3])}): choose another --out, or --overwrite to replace them")
         manifest = sweep_manifest.new(spec)
     for rid, t in tasks.items():
-        t.update(folder=str((folder / manifest["runs"][rid]["folder"]).absolute()), cwd=os.getcwd())
+        t.update(folder=str((folder / manifest["runs"][rid]["folder"]).absolute()), cwd=os.getcwd(), launch=launch)
     return spec, folder, manifest, tasks
 
 
@@ -217,6 +245,7 @@ def run_sweep(args, argv_record) -> int:
     figures = sweep_aggregate.draw(spec, folder, manifest)
     records.write_results(folder, argv_record, {"spec": str(spec.path), "name": spec.name, "scale": spec.scale,
                                                 "retries": args.retries, "workers": workers,
+                                                "launch": next((t["launch"] for t in tasks.values()), None),
                                                 "scheduler": args.scheduler, "slurm": slurm},
                           {"runs": counts, "failed": {e["folder"]: e["error"] for e in manifest["runs"].values()
                                                       if e["state"] == "failed"},

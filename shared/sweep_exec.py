@@ -1,11 +1,20 @@
 """Running a sweep's runs on Dask: an embedded LocalCluster, a scheduler's address, or SLURM.
 
-Each run is one Dask task, ``run_task``, which starts the backend's command as a
-subprocess (``python -m cpu_ver adaptive ... --out RUN_FOLDER``) on the worker, so that
-runs are isolated from each other and from the worker, and a killed worker is a real
-fault: the subprocess dies with it (``PR_SET_PDEATHSIG`` on Linux). A run writes its own
-results durably (its folder's results.json, written atomically by the command), so nothing
-completed lives only in a worker's memory.
+Each attempt of a run is one Dask task, ``run_task``, which runs the backend's command
+(``cpu_ver meta ... --out RUN_FOLDER``) in a process of its own on the worker, so that runs
+are isolated from each other and from the worker, and a killed worker is a real fault: the
+run's process dies with it. Two ways to start that process (``LAUNCHES``, the task's
+``launch``):
+
+- ``zygote`` (the default on Linux): a fork of the worker's zygote, a long-lived process
+  that has imported the backend's modules once (``shared/sweep_zygote.py``); the worker
+  holds its zygotes in a worker plugin (``shared/sweep_plugin.py``, registered by ``execute``);
+- ``subprocess``: ``python -m BACKEND COMMAND ...`` started afresh for every attempt (and
+  wherever fork is missing, or a zygote cannot start).
+
+Both give the process the same environment, folder, command line and log, and the run the
+same results, bit for bit. A run writes its own results durably (its folder's results.json,
+written atomically by the command), so nothing completed lives only in a worker's memory.
 
 ``execute`` is the driver's loop: it hands runs to the cluster (as many as the cluster has
 threads), records every change of state in ``manifest.json`` (``shared/sweep_manifest.py``),
@@ -32,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+from shared import sweep_zygote
 from shared.errors import ConfigError
 from shared.records import RESULTS_FILE, run_files
 
@@ -39,6 +49,12 @@ LOG_FILE = "sweep.log"              # the run's stdout and stderr, every attempt
 LOCK_FILE = ".sweep-lock"           # held while an attempt runs: two attempts never share a folder
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 ENV_CACHE = "HPO_THEANO_CACHE"
+LAUNCHES = ("zygote", "subprocess")     # how a worker starts an attempt's process (see the module's text)
+
+
+def default_launch() -> str:
+    """``zygote`` where attempts can be forked from one (Linux), else ``subprocess``."""
+    return "zygote" if sweep_zygote.available() else "subprocess"
 
 
 # ---------------------------------------------------------------------------------- worker side
@@ -87,15 +103,32 @@ def run_env(environ, worker: str) -> dict:
     return env
 
 
-def worker_name() -> str:
-    """This Dask worker's name as a file-name word ('local' outside a worker)."""
+def _file_word(name) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "worker"
+
+
+def _this_worker():
+    """The Dask worker running this task (None outside one)."""
     try:
         from distributed import get_worker  # noqa: PLC0415
 
-        name = str(get_worker().name)
+        return get_worker()
     except (ImportError, ValueError):
-        name = "local"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "worker"
+        return None
+
+
+def worker_name() -> str:
+    """This Dask worker's name as a file-name word ('local' outside a worker)."""
+    worker = _this_worker()
+    return _file_word(worker.name) if worker is not None else "local"
+
+
+def _plugin(worker):
+    """The worker's ``shared.sweep_plugin.Zygotes`` (None: not registered, or outside a worker)."""
+    from shared.sweep_plugin import PLUGIN_NAME  # noqa: PLC0415
+
+    plugins = getattr(worker, "plugins", {}) if worker is not None else {}
+    return plugins.get(PLUGIN_NAME)
 
 
 def attempt_argv(task: dict) -> list:
@@ -126,14 +159,17 @@ def run_task(task: dict) -> dict:
     """Run one attempt of a sweep run on this worker (the Dask task).
 
     ``task``: ``backend``, ``command``, ``argv`` (the options), ``folder`` (absolute),
-    ``checkpoint`` (the file ``--resume`` continues from, or None), ``cwd``. Returns
-    ``returncode``, ``error`` (None when the run finished with its results.json),
-    ``worker``, ``pid`` (this worker process) and ``seconds``.
+    ``checkpoint`` (the file ``--resume`` continues from, or None), ``cwd``, and ``launch``
+    (``LAUNCHES``; default ``subprocess``). Returns ``returncode``, ``error`` (None when the
+    run finished with its results.json), ``worker``, ``pid`` (this worker process),
+    ``launch`` (how the attempt ran) and ``seconds``.
     """
     folder = Path(task["folder"])
     folder.mkdir(parents=True, exist_ok=True)
-    name = worker_name()
+    worker = _this_worker()
+    name = _file_word(worker.name) if worker is not None else "local"
     env = run_env(os.environ, name)
+    zygotes = _plugin(worker) if task.get("launch") == "zygote" and sweep_zygote.available() else None
     cwd = task.get("cwd") if task.get("cwd") and os.path.isdir(task["cwd"]) else None
     t0 = time.perf_counter()
     with _locked(folder / LOCK_FILE):
@@ -143,14 +179,17 @@ def run_task(task: dict) -> dict:
             offset = f.tell()
             f.write(f"$ {' '.join(argv)}\n".encode())
             f.flush()
-            rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                 cwd=cwd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            rc = zygotes.run(task["backend"], argv[3:], log, cwd, env) if zygotes is not None else None
+            launch = "zygote" if rc is not None else "subprocess"
+            if rc is None:
+                rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     cwd=cwd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     error = None
     if rc != 0:
         error = _reason(log, offset, rc)
     elif not (folder / RESULTS_FILE).is_file():
         error = f"exit status 0 but no {RESULTS_FILE} in {folder}"
-    return {"returncode": rc, "error": error, "worker": name, "pid": os.getpid(),
+    return {"returncode": rc, "error": error, "worker": name, "pid": os.getpid(), "launch": launch,
             "seconds": time.perf_counter() - t0}
 
 
@@ -237,6 +276,25 @@ def slots(client, floor: int = 1) -> int:
 
 # ---------------------------------------------------------------------------------- the driver
 
+@contextlib.contextmanager
+def zygotes(client, tasks: dict):
+    """The worker plugin holding the workers' zygotes (``shared/sweep_plugin.py``) registered
+    for the sweep, when any task runs in one; removed (its zygotes ended) at the end."""
+    backends = sorted({t["backend"] for t in tasks.values() if t.get("launch") == "zygote"})
+    if not backends:
+        yield
+        return
+    from shared.sweep_plugin import PLUGIN_NAME, Zygotes  # noqa: PLC0415
+
+    cwd = next((t.get("cwd") for t in tasks.values() if t.get("launch") == "zygote"), None)
+    client.register_plugin(Zygotes(backends, cwd), name=PLUGIN_NAME)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):     # a cluster already gone has nothing left to end
+            client.unregister_worker_plugin(PLUGIN_NAME)
+
+
 def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, save, progress=True,
             floor: int = 1) -> dict:
     """Run every run of ``manifest`` that is not done; return the manifest.
@@ -254,6 +312,7 @@ def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, 
 
     runs = manifest["runs"]
     todo = [rid for rid, e in runs.items() if e["state"] != "done"]
+    stack = contextlib.ExitStack()
     queue, flight = list(todo), {}
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {manifest['spec']}", unit="run",
                disable=not progress, file=sys.stderr)
@@ -268,6 +327,7 @@ def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, 
         save(manifest)
 
     try:
+        stack.enter_context(zygotes(client, {rid: tasks[rid] for rid in todo}))
         submit()
         while flight:
             interrupt.check()
@@ -282,7 +342,8 @@ def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, 
                     out = fut.result()
                 except Exception as exc:        # noqa: BLE001 (KilledWorker, a lost connection, ...)
                     out = {"error": f"worker lost while running it ({type(exc).__name__}: {exc})"[:500]}
-                e.update(worker=out.get("worker", e["worker"]), seconds=out.get("seconds"), error=out["error"])
+                e.update(worker=out.get("worker", e["worker"]), seconds=out.get("seconds"), error=out["error"],
+                         launch=out.get("launch", e.get("launch")))
                 if out["error"] is None:
                     e["state"] = "done"
                     bar.update(1)
@@ -303,4 +364,5 @@ def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, 
         raise
     finally:
         bar.close()
+        stack.close()
     return manifest

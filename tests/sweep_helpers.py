@@ -66,6 +66,28 @@ def metrics(run_dir) -> dict:
     return without_timings(json.loads((Path(run_dir) / "results.json").read_text())["metrics"])
 
 
+# what differs between two runs of the same options in two folders: the folder, and how it was started
+PATH_OPTIONS = ("out", "resume", "overwrite")
+TIMING_ARRAYS = ("hist_seconds",)
+
+
+def record(run_dir) -> dict:
+    """Everything a run folder holds that a rerun of the same options must reproduce bit for
+    bit: results.json's versions, config (without the folder options) and metrics (without
+    timings), and every array of its .npz files as raw bytes with dtype and shape (timings aside)."""
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    res = json.loads((run_dir / "results.json").read_text())
+    arrays = {}
+    for f in sorted(run_dir.glob("*.npz")):
+        with np.load(f) as z:
+            arrays[f.name] = {k: (z[k].dtype.str, z[k].shape, z[k].tobytes()) for k in z.files
+                              if k not in TIMING_ARRAYS}
+    return {"versions": res["versions"], "metrics": without_timings(res["metrics"]), "arrays": arrays,
+            "config": {k: v for k, v in without_timings(res["config"]).items() if k not in PATH_OPTIONS}}
+
+
 def alone_argv(entry: dict, out) -> list:
     """The command of a manifest entry run by itself (as the sweep runs it, without the sweep)."""
     from shared.sweep_spec import options_argv

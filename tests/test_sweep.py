@@ -18,8 +18,8 @@ import pytest
 
 from shared import sweep_spec
 from shared.errors import ConfigError
-from sweep_helpers import (HG_TINY, REPO, TINY, env, manifest, metrics, run, run_alone, sweep_argv, without_timings,
-                                 write_spec)
+from sweep_helpers import (HG_TINY, REPO, TINY, env, manifest, metrics, record, run, run_alone, sweep_argv,
+                           without_timings, write_spec)
 
 HG = HG_TINY
 META = {"name": "meta", "command": "meta", "options": {**TINY, "iters": 20, "meta_iters": 40},
@@ -89,7 +89,10 @@ def test_bad_sweep_options_are_refused(tmp_path):
     for extra, message in ((["--retries", "-1"], "--retries must be an integer >= 0"),
                            (["--slurm", "queue=q"], "--slurm needs jobs=N"),
                            (["--slurm", "jobs=2,colour=red"], "unknown setting 'colour'"),
-                           (["--scale", "tiny"], "defines no scales")):
+                           (["--scale", "tiny"], "defines no scales"),
+                           (["--launch", "fork"], "error: argument --launch: invalid choice: 'fork'"),
+                           (["--workers", "two"], "error: argument --workers: invalid int value: 'two'"),
+                           (["--colour", "red"], "error: unrecognized arguments: --colour red")):
         r = run(sweep_argv("gpu_ver", p, tmp_path / "out", *extra))
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()
@@ -97,24 +100,42 @@ def test_bad_sweep_options_are_refused(tmp_path):
 
 # ------------------------------------------------------------------------------- one real sweep
 
-def _kill_meta_worker(driver: subprocess.Popen, deadline: float):
-    """Kill (SIGKILL, by pid) the worker process running a meta run once that run's checkpoint
-    exists; return the run folder it was running (None: no such moment came)."""
-    me = psutil.Process(driver.pid)
-    while time.time() < deadline and driver.poll() is None:
-        for worker in me.children():
+def _run_processes(worker: psutil.Process):
+    """(run folder, process) of each run a worker is running: the worker's descendants (a
+    subprocess, or a fork of its zygote) that write a run's sweep.log."""
+    for proc in worker.children(recursive=True):
+        try:
+            for f in proc.open_files():
+                if f.path.endswith("/sweep.log"):
+                    yield Path(f.path).parent, proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def _kill_meta_runs(driver: subprocess.Popen, deadline: float) -> dict:
+    """SIGKILL by pid, once a meta run's checkpoint exists: first the worker process running
+    it, then the run's own process (not its worker) of another meta run. ``{"worker": folder,
+    "run": folder}`` of the runs caught (a key is missing when no such moment came)."""
+    me, killed = psutil.Process(driver.pid), {}
+    while time.time() < deadline and driver.poll() is None and len(killed) < 2:
+        try:
+            workers = me.children()
+        except psutil.NoSuchProcess:
+            break
+        for worker in workers:
             try:
-                for child in worker.children():
-                    cmd = child.cmdline()
-                    if "meta" in cmd and "--out" in cmd:
-                        folder = Path(cmd[cmd.index("--out") + 1])
-                        if (folder / "checkpoint.npz").is_file():
-                            worker.kill()
-                            return folder
+                for folder, proc in _run_processes(worker):
+                    if "meta-" not in folder.name or not (folder / "checkpoint.npz").is_file() or \
+                            folder in killed.values():
+                        continue
+                    which = "worker" if "worker" not in killed else "run"
+                    (worker if which == "worker" else proc).kill()
+                    killed[which] = folder
+                    break
             except psutil.NoSuchProcess:
                 continue
         time.sleep(0.05)
-    return None
+    return killed
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +146,7 @@ def sweep(tmp_path_factory):
     t0 = time.time()
     driver = subprocess.Popen(sweep_argv("cpu_ver", spec, out, "--workers", "2", "--retries", "1"), cwd=REPO,
                               env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = _kill_meta_worker(driver, time.time() + 120)
+    killed = _kill_meta_runs(driver, time.time() + 120)
     stdout, stderr = driver.communicate(timeout=300)
     return {"root": root, "out": out, "spec": spec, "rc": driver.returncode, "stdout": stdout, "stderr": stderr,
             "killed": killed, "manifest": manifest(out), "seconds": time.time() - t0}
@@ -150,23 +171,31 @@ def test_sweep_completes_the_good_runs_and_fails_the_bad_one_after_its_retries(s
     assert (sweep["out"] / "command.txt").read_text().startswith("python -m cpu_ver sweep")
 
 
-def test_killed_worker_run_is_retried_from_its_checkpoint(sweep):
-    assert sweep["killed"] is not None, "no meta run was caught between two checkpoints"
+@pytest.mark.parametrize("which", ["worker", "run"])
+def test_killed_run_is_retried_from_its_checkpoint(sweep, which):
+    """A worker killed by pid, and a run's own process killed by pid: each run is retried from
+    its checkpoint, and nothing else is lost."""
+    assert which in sweep["killed"], f"no meta run was caught between two checkpoints ({which})"
+    folder = sweep["killed"][which]
     m = sweep["manifest"]
-    (e,) = [e for e in m["runs"].values() if (sweep["out"] / e["folder"]).resolve() == sweep["killed"].resolve()]
+    (e,) = [e for e in m["runs"].values() if (sweep["out"] / e["folder"]).resolve() == folder.resolve()]
     assert e["state"] == "done" and e["attempts"] == 2, e
-    starts = [line for line in (sweep["killed"] / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
+    starts = [line for line in (folder / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
     assert len(starts) == 2 and "--resume" not in starts[0], starts
-    assert starts[1].endswith(f"--resume {sweep['killed']}"), starts
-    # the other runs each took one attempt: the kill lost nothing done
-    assert sorted(x["attempts"] for x in m["runs"].values() if x["state"] == "done") == [1, 1, 1, 2]
+    assert starts[1].endswith(f"--resume {folder}"), starts
+    # the other runs each took one attempt: the kills lost nothing done
+    assert sorted(x["attempts"] for x in m["runs"].values() if x["state"] == "done") == [1, 1, 2, 2]
 
 
 def test_every_run_equals_the_same_command_run_alone(sweep, tmp_path):
+    """Each run's record, hyperparameters and checkpoint arrays (forks of a zygote, two of
+    them resumed after a kill) equal those of ``python -m cpu_ver ...`` run alone, bit for bit."""
     done = [e for e in sweep["manifest"]["runs"].values() if e["state"] == "done"]
+    assert {e["launch"] for e in done} == {"zygote"}
     alone = run_alone(done, tmp_path)
     for e in done:
-        assert metrics(sweep["out"] / e["folder"]) == metrics(alone[e["folder"]]), e["folder"]
+        got, want = record(sweep["out"] / e["folder"]), record(alone[e["folder"]])
+        assert got["arrays"] and got == want, e["folder"]
 
 
 def test_table_has_mean_and_spread_over_seeds(sweep):
@@ -206,7 +235,7 @@ def test_rerun_skips_done_runs_and_a_changed_spec_is_refused_by_name(sweep, tmp_
 def test_interrupted_driver_continues_where_it_stopped(tmp_path):
     spec = write_spec(tmp_path / "s.toml", "stop", [{**HG, "grid": {"seed": [0, 1, 2, 3]}}])
     out = tmp_path / "out"
-    argv = sweep_argv("cpu_ver", spec, out, "--workers", "2")
+    argv = sweep_argv("cpu_ver", spec, out, "--workers", "2", "--launch", "subprocess")      # the fallback
     driver = subprocess.Popen(argv, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and driver.poll() is None:
@@ -229,7 +258,15 @@ def test_interrupted_driver_continues_where_it_stopped(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{len(done)} already done" in r.stdout
     final = manifest(out)
-    assert all(e["state"] == "done" for e in final["runs"].values())
+    assert all(e["state"] == "done" and e["launch"] == "subprocess" for e in final["runs"].values())
+    alone = run_alone(list(final["runs"].values()), tmp_path)      # the subprocess path gives the same runs
+    for e in final["runs"].values():
+        got, want = record(out / e["folder"]), record(alone[e["folder"]])
+        if e["attempts"] > 1:
+            # a hypergrad run again with --overwrite loses the hypergradient.npz it wrote (its first
+            # make_run_dir, in write_results, removes it): compare all but the arrays
+            got, want = ({k: v for k, v in r.items() if k != "arrays"} for r in (got, want))
+        assert got == want, e["folder"]
     assert {f: (out / f / "results.json").stat().st_mtime_ns for f in done} == stamps
     assert all(final["runs"][k]["attempts"] == first["runs"][k]["attempts"] for k in final["runs"]
                if first["runs"][k]["folder"] in done)
