@@ -40,11 +40,11 @@ import signal
 import subprocess
 import sys
 
-# backend -> modules imported before the first fork (those its commands import as they run)
+# backend -> modules imported before the first fork (those its commands import as they run);
+# a name ending in ".*" is a package and every module below it (cpu_ver's commands import
+# most of the package lazily, and a list of its module names would go stale as it moves)
 WARM = {
-    "cpu_ver": ("cpu_ver.__main__", "cpu_ver.meta", "cpu_ver.reversible", "cpu_ver.drmad", "cpu_ver.fdcheck",
-                "cpu_ver.adaptive", "cpu_ver.adaptive_cli", "cpu_ver.plots", "cpu_ver.online_kernels", "shared.records",
-                "shared.online", "shared.exact_kernels",
+    "cpu_ver": ("cpu_ver.*", "shared.records", "shared.online", "shared.exact_kernels",
                 "sklearn.datasets", "matplotlib.pyplot"),
     "gpu_ver": ("gpu_ver.__main__", "shared.records", "shared.online", "shared.exact_kernels", "scipy.linalg",
                 "sklearn.datasets",
@@ -61,13 +61,28 @@ def available() -> bool:
 def warm(backend: str) -> None:
     """Import ``WARM[backend]`` (matplotlib with the Agg backend, as the commands select it),
     then load the compiled numba kernels of the project's modules from numba's disk cache."""
-    for name in WARM.get(backend, (f"{backend}.__main__",)):
+    for name in modules_to_warm(backend):
         if name == "matplotlib.pyplot":
             import matplotlib  # noqa: PLC0415
 
             matplotlib.use("Agg")
         importlib.import_module(name)
     load_numba_caches([m for name, m in list(sys.modules.items()) if name.split(".")[0] in (backend, "shared")])
+
+
+def modules_to_warm(backend: str) -> list:
+    """``WARM[backend]`` with each ``package.*`` expanded to the package and its modules."""
+    import pkgutil  # noqa: PLC0415
+
+    names = []
+    for name in WARM.get(backend, (f"{backend}.__main__",)):
+        if not name.endswith(".*"):
+            names.append(name)
+            continue
+        package = importlib.import_module(name[:-2])
+        names.append(package.__name__)
+        names.extend(m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."))
+    return names
 
 
 def load_numba_caches(modules) -> int:

@@ -109,3 +109,13 @@ def test_a_task_outside_a_worker_runs_as_a_subprocess(tmp_path):
 
 def test_exit_code_is_the_interpreters():
     assert [sweep_zygote.exit_code(c) for c in (None, 0, 2, 256 + 3, True)] == [0, 0, 2, 3, 1]
+
+
+@pytest.mark.parametrize("backend", sorted(sweep_zygote.WARM))
+def test_every_warm_module_exists(backend):
+    """A module renamed in the backend must be renamed here too: a zygote that cannot import
+    one of its modules does not start, and every run silently takes the slower subprocess path."""
+    import importlib.util
+
+    missing = [m for m in sweep_zygote.modules_to_warm(backend) if importlib.util.find_spec(m) is None]
+    assert missing == []
