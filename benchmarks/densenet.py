@@ -91,9 +91,9 @@ def worker_theano(a) -> dict:
         out["compile_s"] = time.perf_counter() - t
         fn = lambda: step(X, y)  # noqa: E731
     else:
-        T = M.T
-        w, l2, v = T.vector("w"), T.vector("l2"), T.vector("v")
-        Xs, ys = net.input_var("X"), T.lvector("y")
+        tt = M.tt
+        w, l2, v = tt.vector("w"), tt.vector("l2"), tt.vector("v")
+        Xs, ys = net.input_var("X"), tt.lvector("y")
         t = time.perf_counter()
         f = theano.function([w, l2, Xs, ys, v], list(M.symbolic_grad_and_hvp(net, w, Xs, ys, l2, v, a.hvp)))
         out["compile_s"] = time.perf_counter() - t

@@ -39,7 +39,7 @@ import numpy as np
 from gpu_ver import config
 
 theano = config.load()
-T = theano.tensor
+tt = theano.tensor
 from theano.graph.basic import Apply  # noqa: E402
 from theano.graph.op import Op  # noqa: E402
 
@@ -113,11 +113,11 @@ class ShiftSum(_ShiftOp):
         return ShiftStack
 
     def make_node(self, z):
-        z = T.as_tensor_variable(z)
+        z = tt.as_tensor_variable(z)
         if z.ndim != 5:
             raise TypeError(f"ShiftSum expects a 5-d tensor, got {z.ndim}-d")
         b = z.broadcastable
-        return Apply(self, [z], [T.TensorType(z.dtype, (b[1], b[2], False, False))()])
+        return Apply(self, [z], [tt.TensorType(z.dtype, (b[1], b[2], False, False))()])
 
     def perform(self, node, inputs, output_storage):
         (z,) = inputs
@@ -140,11 +140,11 @@ class ShiftStack(_ShiftOp):
         return ShiftSum
 
     def make_node(self, d):
-        d = T.as_tensor_variable(d)
+        d = tt.as_tensor_variable(d)
         if d.ndim != 4:
             raise TypeError(f"ShiftStack expects a 4-d tensor, got {d.ndim}-d")
         b = d.broadcastable
-        return Apply(self, [d], [T.TensorType(d.dtype, (False, b[0], b[1], False, False))()])
+        return Apply(self, [d], [tt.TensorType(d.dtype, (False, b[0], b[1], False, False))()])
 
     def perform(self, node, inputs, output_storage):
         (d,) = inputs
@@ -163,8 +163,8 @@ def conv_gemm(x, W, n, hw, cin, cout, k):
     H, Wd = hw
     rows = x.reshape((cin, n * H * Wd))
     if k == 1:
-        return T.dot(W.reshape((cout, cin)), rows).reshape((cout, n, H, Wd))
-    z = T.dot(W.dimshuffle(2, 3, 0, 1).reshape((k * k * cout, cin)), rows).reshape((k * k, cout, n, H, Wd))
+        return tt.dot(W.reshape((cout, cin)), rows).reshape((cout, n, H, Wd))
+    z = tt.dot(W.dimshuffle(2, 3, 0, 1).reshape((k * k * cout, cin)), rows).reshape((k * k, cout, n, H, Wd))
     return ShiftSum(k)(z)
 
 

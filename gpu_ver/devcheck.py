@@ -52,7 +52,7 @@ def check(depth=7, growth=4, image_size=8, batch=8, n_classes=10, seed=0, parts=
     theano = config.load()
     from gpu_ver import fncache, hostops  # noqa: PLC0415
     from gpu_ver import models as M  # noqa: PLC0415
-    T = theano.tensor
+    tt = theano.tensor
     fx = str(theano.config.floatX)
     net = M.DenseNet(depth=depth, growth=growth, input_shape=(3, image_size, image_size),
                      activation="softplus", n_classes=n_classes, batch_size=batch)
@@ -65,7 +65,7 @@ def check(depth=7, growth=4, image_size=8, batch=8, n_classes=10, seed=0, parts=
     out = {"device": str(theano.config.device), "floatX": fx, "on_gpu": config.on_gpu(theano),
            "net": net.describe(), "target": TARGETS[fx], "rel_diff": {}, "compile_s": {}, "host_compile_s": {},
            "host_ops": {}, "unexpected_host_ops": {}}
-    wv, l2v, Xv, yv, vv = T.vector("w"), T.vector("l2"), net.input_var("X"), T.lvector("y"), T.vector("v")
+    wv, l2v, Xv, yv, vv = tt.vector("w"), tt.vector("l2"), net.input_var("X"), tt.lvector("y"), tt.vector("v")
     for part in parts:
         progress(f"devcheck: {part} for {out['device']} and for the C backend "
                  f"(compiling: minutes the first time on a machine)")

@@ -22,7 +22,7 @@ symbolic ``forward(blocks, X, bn_stats=None) -> (logits, batch_stats)``.
 
 Symbolic helpers on a flat symbolic vector ``w`` (a ``theano.shared`` or a
 tensor); the Hessian-vector product reverse over reverse or, with ``hvp="rop"``,
-forward over reverse (``rop``: the R-operator, working around ``T.Rop``'s failures):
+forward over reverse (``rop``: the R-operator, working around ``tt.Rop``'s failures):
 
 - ``symbolic_loss(model, w, X, y, l2)``            -> (loss, nll, batch_stats)
 - ``symbolic_grad(model, w, X, y, l2)``            -> (grad_w L, nll, batch_stats)
@@ -46,6 +46,10 @@ Compiled helpers (compile once, keep the function):
   only host traffic per step is the batch in and the loss out.
 - ``compile_evaluate``: loss sum and error count with the BN running averages.
 
+Module map: ``gpu_ver.layers`` (views of the flat vector, cross-entropy, batch
+norm and its running averages), ``gpu_ver.densenet`` (the DenseNet plan and
+graph); this module composes them and re-exports their public names.
+
 Gradients are taken with respect to the *block views* of the flat vector
 (``w[o:o+n].reshape(shape)``) and concatenated: every path from the loss to
 ``w`` passes through exactly one view, so this equals the gradient with
@@ -53,107 +57,19 @@ respect to ``w`` without a chain of ``inc_subtensor`` over the full vector.
 """
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 
-from gpu_ver import config
+from gpu_ver import fncache
+from gpu_ver.densenet import (CONV_IMPLS, GLOBAL_POOL, KEEP, CONCAT, BatchNorm, Concat, Conv,  # noqa: F401
+                              Dense, DenseNet, GlobalPool, Keep, Pool, densenet_param_count)
+from gpu_ver.layers import (ACTIVATIONS, BN_EPS, BN_MOMENTUM, batch_norm, block_dot, block_sums,  # noqa: F401
+                            bn_running_update, check_activation, cross_entropy, flat, floatX, grad,
+                            log_softmax, nll_per_example, split, theano, tt)
+from gpu_ver.rop import rop
 from shared.errors import ConfigError
-from shared.layout import ParamLayout
 from shared.mlp_spec import MLPSpec
-
-theano = config.load()
-T = theano.tensor
-from theano.tensor.nnet import conv2d  # noqa: E402 (after config.load)
-from theano.tensor.signal.pool import pool_2d  # noqa: E402
-
-from gpu_ver import fncache  # noqa: E402
-from gpu_ver.conv import conv_gemm  # noqa: E402
-from gpu_ver.rop import rop  # noqa: E402
-
-BN_EPS = 1e-5          # as torch.nn.BatchNorm2d
-BN_MOMENTUM = 0.1      # running <- (1 - m) running + m batch (torch convention)
-
-ACTIVATIONS = {
-    "relu": T.nnet.relu,
-    "tanh": T.tanh,
-    "softplus": T.nnet.softplus,
-}
-
-
-# --------------------------------------------------------------------------- pieces
-def floatX() -> str:
-    return str(theano.config.floatX)
-
-
-def split(w, layout: ParamLayout) -> list:
-    """Symbolic block views ``w[o:o+n].reshape(shape)`` of a flat vector, in layout order."""
-    return [w[o:o + n].reshape(s, ndim=len(s)) for o, n, s in zip(layout.offsets, layout.sizes, layout.shapes)]
-
-
-def flat(blocks) -> "T.TensorVariable":
-    return T.concatenate([b.flatten() for b in blocks])
-
-
-def block_sums(x, layout: ParamLayout) -> "T.TensorVariable":
-    """(sum_{i in block b} x_i)_b, one entry per block of ``layout``: the adjoint of expanding a
-    per-block value to its parameters. Built as a join of one-element sums, which stays on a
-    GPU device (a ``T.stack`` of scalars is a host ``MakeVector``, with one transfer per block)."""
-    return T.concatenate([x[o:o + n].sum(keepdims=True) for o, n in zip(layout.offsets, layout.sizes)])
-
-
-def log_softmax(logits):
-    """log p = z - max z - log sum exp(z - max z); the max carries no gradient (it cancels exactly)."""
-    m = theano.gradient.zero_grad(logits.max(axis=1, keepdims=True))
-    z = logits - m
-    return z - T.log(T.exp(z).sum(axis=1, keepdims=True))
-
-
-def nll_per_example(logits, y):
-    """-log softmax(logits)[n, y_n] for each example n, as the row sum of log softmax times
-    the one-hot matrix of y. The value is the same (the other terms are exact zeros); the
-    graph is elementwise ops and a sum, which a GPU device runs, where indexing by y and
-    its gradient (``AdvancedIncSubtensor``) would stay on the host."""
-    hot = T.eq(y.dimshuffle(0, "x"), T.arange(logits.shape[1]).dimshuffle("x", 0))
-    return -(log_softmax(logits) * T.cast(hot, logits.dtype)).sum(axis=1)
-
-
-def cross_entropy(logits, y):
-    """Mean over the batch of -log softmax(logits)[n, y_n] (twice differentiable, unlike
-    ``T.nnet.categorical_crossentropy``; docs/THEANO.md s.3)."""
-    return nll_per_example(logits, y).mean()
-
-
-def batch_norm(x, scale, shift, stats=None, eps=BN_EPS, axis=1):
-    """Per-channel batch normalisation of a 4-d tensor with channels on ``axis``
-    (1: (n, c, h, w); 3: (n, h, w, c)) (Ioffe & Szegedy 2015).
-
-        y = scale * (x - mu) / sqrt(var + eps) + shift
-
-    ``stats=None``: mu, var are the batch mean and (biased) variance over the
-    other axes, written with ``x.mean`` so that second derivatives are right
-    (``batch_normalization_train`` gets them wrong; docs/THEANO.md s.3). Otherwise
-    ``stats = (mu, var)`` (running averages, for evaluation). Returns (y, (mu, var)).
-    """
-    others = tuple(a for a in range(4) if a != axis)
-    pattern = tuple(0 if a == axis else "x" for a in range(4))
-    if stats is None:
-        mu = x.mean(axis=others)
-        var = T.sqr(x - mu.dimshuffle(*pattern)).mean(axis=others)
-    else:
-        mu, var = stats
-    a = scale / T.sqrt(var + eps)
-    b = shift - mu * a
-    return x * a.dimshuffle(*pattern) + b.dimshuffle(*pattern), (mu, var)
-
-
-CONV_IMPLS = ("gemm", "corrmm")
-
-
-def _check_activation(name):
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
 
 
 # --------------------------------------------------------------------------- MLP
@@ -164,7 +80,7 @@ class MLP(MLPSpec):
     bn_channels = ()
 
     def input_var(self, name="X"):
-        return T.matrix(name)
+        return tt.matrix(name)
 
     @property
     def input_shape(self) -> tuple:
@@ -174,7 +90,7 @@ class MLP(MLPSpec):
         act = ACTIVATIONS[self.activation]
         h, n = X, len(blocks) // 2
         for k in range(n):
-            h = T.dot(h, blocks[2 * k]) + blocks[2 * k + 1]
+            h = tt.dot(h, blocks[2 * k]) + blocks[2 * k + 1]
             if k < n - 1:
                 h = act(h)
         return h, []
@@ -183,227 +99,13 @@ class MLP(MLPSpec):
         return {"model": "mlp", "sizes": list(self.sizes), "activation": self.activation}
 
 
-# --------------------------------------------------------------------------- DenseNet
-@dataclass(frozen=True)
-class DenseNet:
-    """DenseNet for CIFAR-sized images (Huang, Liu, van der Maaten, Weinberger 2016).
-
-    ``depth = 3 n + 4`` (``6 n + 4`` with bottleneck): a 3x3 conv to ``c0`` maps
-    (16, or 2k with bottleneck); three dense blocks of n layers, each layer
-    BN-act-conv3x3 producing ``k`` maps concatenated to its input (with
-    bottleneck: BN-act-conv1x1 to 4k first); between blocks a transition
-    BN-act-conv1x1 to ``floor(compression * c)`` maps and 2x2 average pooling;
-    then BN-act, global average pooling, a dense layer to ``n_classes``.
-    Convolutions have no bias; He-normal init ``N(0, 2 / fan_in)``; BN scale 1,
-    shift 0; dense layer ``N(0, 1/fan_in)`` weights, zero bias.
-    DenseNet-40, k = 12: 1,019,722 parameters.
-
-    Batch norm: ``forward(..., bn_stats=None)`` uses batch statistics (training,
-    and all hypergradient graphs); ``bn_stats`` = list of (mean, var) per BN
-    layer uses those (evaluation with running averages kept by ``SGDState``).
-    ``input_shape`` = (channels, height, width), height/width divisible by 4.
-    ``batch_size`` is given to the convolutions as a static shape when set
-    (``None``: any batch size). ``conv``: ``"gemm"`` (default; channel-major
-    graph, ``gpu_ver/conv.py``) or ``"corrmm"`` (Theano's ``conv2d``); the
-    same function of the same parameters, the first about 2.5x faster per
-    training step on two CPU cores.
-    """
-
-    depth: int = 40
-    growth: int = 12
-    bottleneck: bool = False
-    compression: float = 1.0
-    n_classes: int = 10
-    input_shape: tuple = (3, 32, 32)
-    activation: str = "relu"
-    batch_size: int | None = None
-    conv: str = "gemm"
-
-    def __post_init__(self):
-        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
-        per = 6 if self.bottleneck else 3
-        if not isinstance(self.depth, (int, np.integer)) or self.depth < per + 4 or (self.depth - 4) % per:
-            form = "6n + 4 (with bottleneck)" if self.bottleneck else "3n + 4"
-            raise ConfigError(f"DenseNet depth {self.depth} is not of the form {form} with n >= 1 "
-                              f"(e.g. {per + 4}, {2 * per + 4}, 40{'' if per == 3 else ', 100'})")
-        if int(self.growth) < 1:
-            raise ConfigError(f"DenseNet growth rate must be a positive integer, got {self.growth}")
-        if not 0.0 < float(self.compression) <= 1.0:
-            raise ConfigError(f"DenseNet compression must be in (0, 1], got {self.compression}")
-        if len(self.input_shape) != 3 or self.input_shape[1] % 4 or self.input_shape[2] % 4:
-            raise ConfigError(f"DenseNet input shape must be (channels, H, W) with H, W divisible by 4, "
-                              f"got {self.input_shape}")
-        if int(self.n_classes) < 2:
-            raise ConfigError(f"DenseNet needs at least 2 classes, got {self.n_classes}")
-        _check_activation(self.activation)
-        if self.conv not in CONV_IMPLS:
-            raise ConfigError(f"DenseNet conv must be one of {', '.join(CONV_IMPLS)}, got {self.conv!r}")
-
-    # -- architecture as a plan (shared by layout, init and forward) ------------
-    @property
-    def layers_per_block(self) -> int:
-        return (self.depth - 4) // (6 if self.bottleneck else 3)
-
-    def plan(self) -> list:
-        """Units in order: ('conv', name, cin, cout, ksize, hw), ('bn', name, c, hw),
-        ('keep',), ('concat',), ('pool', c, hw), ('gap',), ('fc', name, cin, cout).
-
-        A dense layer is bn, [conv1x1, bn,] conv3x3, concat; hw = (H, W) at that unit.
-        """
-        k = int(self.growth)
-        c = 2 * k if self.bottleneck else 16
-        H, W = self.input_shape[1:]
-        units = [("conv", "conv0", self.input_shape[0], c, 3, (H, W))]
-        for b in range(1, 4):
-            for i in range(1, self.layers_per_block + 1):
-                p = f"b{b}.l{i:02d}"
-                units.append(("keep",))
-                if self.bottleneck:
-                    units += [("bn", f"{p}.bn1", c, (H, W)), ("conv", f"{p}.conv1", c, 4 * k, 1, (H, W)),
-                              ("bn", f"{p}.bn2", 4 * k, (H, W)), ("conv", f"{p}.conv2", 4 * k, k, 3, (H, W))]
-                else:
-                    units += [("bn", f"{p}.bn", c, (H, W)), ("conv", f"{p}.conv", c, k, 3, (H, W))]
-                units.append(("concat",))
-                c += k
-            if b < 3:
-                cout = int(np.floor(self.compression * c))
-                units += [("bn", f"t{b}.bn", c, (H, W)), ("conv", f"t{b}.conv", c, cout, 1, (H, W)),
-                          ("pool", cout, (H, W))]
-                c, H, W = cout, H // 2, W // 2
-        units += [("bn", "final.bn", c, (H, W)), ("gap",), ("fc", "fc", c, int(self.n_classes))]
-        return units
-
-    @property
-    def layout(self) -> ParamLayout:
-        names, shapes = [], []
-        for u in self.plan():
-            if u[0] == "conv":
-                names.append(f"{u[1]}.W")
-                shapes.append((u[3], u[2], u[4], u[4]))
-            elif u[0] == "bn":
-                names += [f"{u[1]}.scale", f"{u[1]}.shift"]
-                shapes += [(u[2],), (u[2],)]
-            elif u[0] == "fc":
-                names += ["fc.W", "fc.b"]
-                shapes += [(u[2], u[3]), (u[3],)]
-        return ParamLayout(tuple(names), tuple(shapes))
-
-    def block_kinds(self) -> list:
-        """Kind of each layout block: conv, bn_scale, bn_shift, fc_W, fc_b (for per-kind L2)."""
-        out = []
-        for n in self.layout.names:
-            tail = n.rsplit(".", 1)[1]
-            out.append({"W": "fc_W" if n == "fc.W" else "conv", "b": "fc_b",
-                        "scale": "bn_scale", "shift": "bn_shift"}[tail])
-        return out
-
-    @property
-    def bn_channels(self) -> tuple:
-        return tuple(u[2] for u in self.plan() if u[0] == "bn")
-
-    @property
-    def n_bn(self) -> int:
-        return len(self.bn_channels)
-
-    def describe(self) -> dict:
-        return {"model": "densenet", "depth": int(self.depth), "growth": int(self.growth),
-                "bottleneck": bool(self.bottleneck), "compression": float(self.compression),
-                "n_classes": int(self.n_classes), "input_shape": list(self.input_shape),
-                "activation": self.activation, "n_params": self.layout.size}
-
-    def check_data(self, X, y, what="data") -> None:
-        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_shape:
-            raise ConfigError(f"DenseNet expects {what} of shape (n, {', '.join(map(str, self.input_shape))}), "
-                              f"got {X.shape}")
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
-            raise ConfigError(f"DenseNet: {what} has labels in [{y.min()}, {y.max()}], "
-                              f"the output layer has {self.n_classes} classes")
-
-    # -- parameters --------------------------------------------------------------
-    def init(self, seed: int) -> np.ndarray:
-        """He-normal conv weights, BN scale 1 / shift 0, dense N(0, 1/fan_in) and zero bias; float64."""
-        rng = np.random.default_rng([int(seed), 7])
-        out = []
-        for name, shape in zip(self.layout.names, self.layout.shapes):
-            if name.endswith(".scale"):
-                out.append(np.ones(shape))
-            elif name.endswith(".shift") or name == "fc.b":
-                out.append(np.zeros(shape))
-            elif name == "fc.W":
-                out.append(rng.standard_normal(shape) / np.sqrt(shape[0]))
-            else:
-                fan_in = shape[1] * shape[2] * shape[3]
-                out.append(rng.standard_normal(shape) * np.sqrt(2.0 / fan_in))
-        return self.layout.flatten(out)
-
-    def input_var(self, name="X"):
-        return T.tensor4(name)
-
-    # -- graph -----------------------------------------------------------------------
-    def forward(self, blocks, X, bn_stats=None):
-        """Logits and the batch (mean, var) of every BN layer (``[]`` entries when ``bn_stats`` given).
-
-        ``X`` is (n, c, H, W). With ``conv="gemm"`` (default) the network runs in
-        (c, n, H, W) order (``gpu_ver/conv.py``): every convolution is one
-        matrix product (plus, for 3x3, a sum of shifted planes), a
-        concatenation joins contiguous blocks; ``conv="corrmm"`` keeps
-        (n, c, H, W) and Theano's ``conv2d`` (CorrMM on the C backend). Same
-        function of the same parameters (tests/test_gpu_models.py compares them).
-        """
-        p = dict(zip(self.layout.names, blocks))
-        act = ACTIVATIONS[self.activation]
-        B = self.batch_size
-        cnhw = self.conv == "gemm"
-        ca = 0 if cnhw else 1                                  # channel axis
-        n = (X.shape[0] if B is None else B)
-        h = X.dimshuffle(1, 0, 2, 3) if cnhw else X
-        keep, out_stats, i_bn = None, [], 0
-        for u in self.plan():
-            kind = u[0]
-            if kind == "conv":
-                _, name, cin, cout, ks, (H, W) = u
-                if cnhw:
-                    h = conv_gemm(h, p[f"{name}.W"], n, (H, W), cin, cout, ks)
-                else:
-                    h = conv2d(h, p[f"{name}.W"], input_shape=(B, cin, H, W), filter_shape=(cout, cin, ks, ks),
-                               border_mode="half", filter_flip=False)
-            elif kind == "bn":
-                name = u[1]
-                h, st = batch_norm(h, p[f"{name}.scale"], p[f"{name}.shift"],
-                                   None if bn_stats is None else bn_stats[i_bn], axis=ca)
-                h = act(h)
-                out_stats.append(st)
-                i_bn += 1
-            elif kind == "keep":
-                keep = h
-            elif kind == "concat":
-                h = T.concatenate([keep, h], axis=ca)
-            elif kind == "pool":
-                if cnhw:   # 2x2 average: a reshape and a mean (H, W even by construction)
-                    _, c, (H, W) = u
-                    h = h.reshape((c, n, H // 2, 2, W // 2, 2)).mean(axis=(3, 5))
-                else:
-                    h = pool_2d(h, ws=(2, 2), ignore_border=True, mode="average_inc_pad")
-            elif kind == "gap":
-                h = h.mean(axis=(2, 3)).T if cnhw else h.mean(axis=(2, 3))
-            elif kind == "fc":
-                h = T.dot(h, p["fc.W"]) + p["fc.b"]
-        return h, (out_stats if bn_stats is None else [])
-
-
-def densenet_param_count(depth=40, growth=12, bottleneck=False, compression=1.0, n_classes=10,
-                         input_shape=(3, 32, 32)) -> int:
-    """Number of trainable parameters (no graph is built)."""
-    return DenseNet(depth, growth, bottleneck, compression, n_classes, input_shape).layout.size
-
-
 # --------------------------------------------------------------------------- symbolic helpers
 def symbolic_loss(model, w, X, y, l2, bn_stats=None):
     """(L, CE, batch_stats) for flat symbolic w; ``l2`` flat per-parameter (or scalar)."""
     blocks = split(w, model.layout)
     logits, stats = model.forward(blocks, X, bn_stats)
     nll = cross_entropy(logits, y)
-    return nll + T.sum(l2 * T.sqr(w)), nll, stats
+    return nll + tt.sum(l2 * tt.sqr(w)), nll, stats
 
 
 def _nll_and_blocks(model, w, X, y, with_logits=False):
@@ -413,29 +115,11 @@ def _nll_and_blocks(model, w, X, y, with_logits=False):
     return out + (logits,) if with_logits else out
 
 
-def grad(cost, wrt):
-    """``T.grad`` with room for its recursion: Theano walks the graph recursively, and
-    the reverse-over-reverse graph of DenseNet-40 is deeper than Python's default
-    limit of 1,000 frames (Python 3.11 keeps these frames off the C stack)."""
-    old = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(old, 100_000))
-    try:
-        return T.grad(cost, wrt)
-    finally:
-        sys.setrecursionlimit(old)
-
-
 def symbolic_grad(model, w, X, y, l2):
     """(grad_w L, CE, batch_stats): grad_w L = grad_w CE + 2 l2 w, batch statistics in BN."""
     nll, blocks, stats = _nll_and_blocks(model, w, X, y)
     g = flat(grad(nll, blocks)) + 2 * l2 * w
     return g, nll, stats
-
-
-def block_dot(a, b):
-    """sum_i <a_i, b_i> over matching lists of blocks, as ONE n-ary add (a Python ``sum``
-    chain is as deep as the number of blocks, and DenseNet-40 has 160 of them)."""
-    return T.add(*[(ai * bi).sum() for ai, bi in zip(a, b)])
 
 
 HVP_METHODS = ("ror", "rop")
@@ -493,7 +177,7 @@ class Functions:
 
     # building -------------------------------------------------------------------------
     def _vars(self):
-        return (T.vector("w"), T.vector("l2"), self.model.input_var("X"), T.lvector("y"), T.vector("v"))
+        return (tt.vector("w"), tt.vector("l2"), self.model.input_var("X"), tt.lvector("y"), tt.vector("v"))
 
     def _get(self, name):
         if name not in self._fns:
@@ -508,7 +192,7 @@ class Functions:
             elif name == "hvp":
                 ins, outs = [w, l2, X, y, v], list(symbolic_hvp(m, w, X, y, l2, v, self.hvp_method))
             elif name == "logits":
-                stats = [(T.vector(f"mu{i}"), T.vector(f"var{i}")) for i in range(m.n_bn)]
+                stats = [(tt.vector(f"mu{i}"), tt.vector(f"var{i}")) for i in range(m.n_bn)]
                 logits, _ = m.forward(split(w, m.layout), X, stats if stats else None)
                 ins, outs = [w, X] + [s for pair in stats for s in pair], [logits]
             elif name == "logits_batch":
@@ -627,25 +311,35 @@ def compile_sgd_step(state: SGDState, momentum=0.9, nesterov=True, bn_momentum=B
     Outputs are computed at the pre-update weights.
     """
     m = state.model
-    X, y = m.input_var("X"), T.lvector("y")
+    X, y = m.input_var("X"), tt.lvector("y")
     w, v, lr, l2 = state.w, state.v, state.lr, state.l2
     nll, blocks, stats, logits = _nll_and_blocks(m, w, X, y, with_logits=True)
     g = flat(grad(nll, blocks)) + 2 * l2 * w
-    loss = nll + T.sum(l2 * T.sqr(w))
+    loss = nll + tt.sum(l2 * tt.sqr(w))
     v_new = momentum * v + g
     w_new = w - lr * (g + momentum * v_new) if nesterov else w - lr * v_new
     updates = [(v, v_new), (w, w_new)]
-    for (rm, rv), (mu, var), (_, _, H, W) in zip(state.bn, stats, _bn_shapes(m)):
-        n = X.shape[0] * H * W
-        unbiased = var * T.cast(n, var.dtype) / T.cast(n - 1, var.dtype)
-        updates += [(rm, (1 - bn_momentum) * rm + bn_momentum * mu),
-                    (rv, (1 - bn_momentum) * rv + bn_momentum * unbiased)]
-    n_err = T.neq(T.argmax(logits, axis=1), y).sum()
+    updates += bn_running_updates(m, state.bn, stats, X.shape[0], bn_momentum)
+    n_err = tt.neq(tt.argmax(logits, axis=1), y).sum()
     return fncache.function([X, y], [loss, nll, n_err], updates=updates, name="sgd_step", mode=mode)
 
 
-def _bn_shapes(model):
-    return [(None, u[2], *u[3]) for u in model.plan() if u[0] == "bn"] if model.n_bn else []
+def bn_running_updates(model, running, batch_stats, batch_size, momentum=BN_MOMENTUM) -> list:
+    """Updates of all of ``model``'s batch-norm running averages after one batch:
+    ``bn_running_update`` (r <- (1 - m) r + m s, the variance made unbiased with
+    n = batch_size * H * W) for each BN layer, with (H, W) from the model's plan.
+
+    ``running``: [(r_mean, r_var), ...] shared variables; ``batch_stats``: the
+    [(mu, var), ...] that ``forward(..., bn_stats=None)`` returned; ``batch_size``:
+    symbolic or int. An MLP (no BN) gives ``[]``.
+    """
+    if not model.n_bn:
+        return []
+    out = []
+    for pair, stats, u in zip(running, batch_stats, model.bn_units()):
+        H, W = u.hw
+        out += bn_running_update(pair, stats, batch_size * H * W, momentum)
+    return out
 
 
 def compile_evaluate(state: SGDState, model=None):
@@ -657,10 +351,10 @@ def compile_evaluate(state: SGDState, model=None):
     m = state.model if model is None else model
     if m.layout != state.model.layout:
         raise ConfigError("compile_evaluate: the model's parameter layout differs from the state's")
-    X, y = m.input_var("X"), T.lvector("y")
+    X, y = m.input_var("X"), tt.lvector("y")
     logits, _ = m.forward(split(state.w, m.layout), X, state.bn if m.n_bn else None)
     ce = nll_per_example(logits, y)
-    err = T.neq(T.argmax(logits, axis=1), y)
+    err = tt.neq(tt.argmax(logits, axis=1), y)
     return fncache.function([X, y], [ce, err], name="evaluate")
 
 
@@ -672,6 +366,5 @@ def with_batch_size(model, batch_size):
     (measured here, 2 loaded cores). An MLP is returned unchanged.
     """
     if isinstance(model, DenseNet):
-        from dataclasses import replace  # noqa: PLC0415
         return replace(model, batch_size=None if batch_size is None else int(batch_size))
     return model

@@ -34,7 +34,7 @@ def register(theano) -> None:
 
     if "hpo_sum_outer_axes_as_dot" in optdb.__db__:
         return
-    T = theano.tensor
+    tt = theano.tensor
 
     @local_optimizer([Sum])
     def sum_outer_axes_as_dot(fgraph, node):
@@ -47,17 +47,17 @@ def register(theano) -> None:
             return False
         if axes == tuple(range(k)):                        # leading: 1^T X
             kept = [x.shape[i] for i in range(k, nd)]
-            rows = x.reshape((T.prod(x.shape[:k]), T.prod(x.shape[k:])), ndim=2)
-            s = T.dot(T.alloc(np.asarray(1, dtype=x.dtype), rows.shape[0]), rows)
+            rows = x.reshape((tt.prod(x.shape[:k]), tt.prod(x.shape[k:])), ndim=2)
+            s = tt.dot(tt.alloc(np.asarray(1, dtype=x.dtype), rows.shape[0]), rows)
         elif axes == tuple(range(nd - k, nd)):             # trailing: X 1
             kept = [x.shape[i] for i in range(nd - k)]
-            rows = x.reshape((T.prod(x.shape[:nd - k]), T.prod(x.shape[nd - k:])), ndim=2)
-            s = T.dot(rows, T.alloc(np.asarray(1, dtype=x.dtype), rows.shape[1]))
+            rows = x.reshape((tt.prod(x.shape[:nd - k]), tt.prod(x.shape[nd - k:])), ndim=2)
+            s = tt.dot(rows, tt.alloc(np.asarray(1, dtype=x.dtype), rows.shape[1]))
         else:
             return False
         if len(kept) > 1:
             s = s.reshape(kept, ndim=len(kept))
-        return [T.patternbroadcast(s, out.broadcastable)]
+        return [tt.patternbroadcast(s, out.broadcastable)]
 
     optdb.register("hpo_sum_outer_axes_as_dot", in2out(sum_outer_axes_as_dot, ignore_newtrees=True),
                    1.65, "fast_run")

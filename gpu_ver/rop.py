@@ -11,7 +11,7 @@ from __future__ import annotations
 from gpu_ver import config
 
 theano = config.load()
-T = theano.tensor
+tt = theano.tensor
 
 
 def rop(y, wrt, v):
@@ -19,7 +19,7 @@ def rop(y, wrt, v):
     R-operator), from each node's ``R_op``, taken only through the nodes that depend
     differentiably on ``wrt``.
 
-    The same propagation as ``T.Rop``, which fails on three things in these graphs
+    The same propagation as ``tt.Rop``, which fails on three things in these graphs
     (Theano-PyMC 1.1.2): it asks every node for its R-operator, also nodes that do not
     depend on ``wrt`` or compute integers (the one-hot labels of ``nll_per_example``
     depend on the logits through a shape, and the comparison's R-operator is a wrongly
@@ -46,7 +46,7 @@ def rop(y, wrt, v):
                 evals.append(i.zeros_like() if floating(i) else None)
                 continue
             if e.type != i.type:
-                e = T.patternbroadcast(T.cast(e, i.dtype), i.broadcastable)
+                e = tt.patternbroadcast(tt.cast(e, i.dtype), i.broadcastable)
             evals.append(e)
         outs = node.op.R_op(node.inputs, evals)
         for o, e in zip(node.outputs, outs if isinstance(outs, (list, tuple)) else [outs]):

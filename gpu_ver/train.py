@@ -34,6 +34,7 @@ import numpy as np
 from gpu_ver import config
 from shared import datasets, interrupt, records
 from shared.errors import ConfigError, check_loss
+from shared.datasets import synthetic_images  # noqa: F401 (gpu_ver.train.synthetic_images, as before)
 from shared.mlp_spec import parse_layers
 
 CHECKPOINT = "checkpoint.npz"
@@ -108,35 +109,9 @@ def lr_at(epoch: int, base: float, epochs: int) -> float:
 
 
 # --------------------------------------------------------------------------- data
-def synthetic_images(n_train=512, n_val=128, n_test=128, n_classes=10, size=32, seed=0) -> datasets.Dataset:
-    """A tiny CIFAR-format set: (n, 3, size, size) float64, about zero mean and unit variance.
-
-    Each class has a fixed smooth random template (a sum of a few low-frequency
-    sinusoids per channel); an image is its class template plus N(0, 1) noise,
-    scaled by 1/sqrt(2). Labels are uniform. A pure function of the arguments.
-    """
-    rng = np.random.default_rng([int(seed), 11])
-    yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
-    templates = np.zeros((n_classes, 3, size, size))
-    for c in range(n_classes):
-        for ch in range(3):
-            for _ in range(3):
-                fy, fx = rng.uniform(0.5, 3.0, size=2) * 2 * np.pi / size
-                ph = rng.uniform(0, 2 * np.pi)
-                templates[c, ch] += np.sin(fy * yy + fx * xx + ph)
-    templates /= templates.std()
-    total = n_train + n_val + n_test
-    y = rng.integers(0, n_classes, size=total).astype(np.int64)
-    X = (templates[y] + rng.standard_normal((total, 3, size, size))) / np.sqrt(2.0)
-    a, b = n_train, n_train + n_val
-    return datasets.Dataset("synthetic-images", datasets.Split(X[:a], y[:a]), datasets.Split(X[a:b], y[a:b]),
-                            datasets.Split(X[b:], y[b:]), n_classes,
-                            {"source": "gpu_ver.train.synthetic_images", "seed": int(seed), "size": int(size)})
-
-
 def load_data(cfg: TrainConfig) -> datasets.Dataset:
     if cfg.dataset == "synthetic-images":
-        return synthetic_images(cfg.n_train or 512, 128 if cfg.n_val is None else cfg.n_val,
+        return datasets.synthetic_images(cfg.n_train or 512, 128 if cfg.n_val is None else cfg.n_val,
                                 128 if cfg.n_test is None else cfg.n_test, size=cfg.image_size, seed=cfg.seed)
     return datasets.load("cifar10", cfg.data_dir, cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
 

@@ -6,7 +6,7 @@ through Reversible Learning", ICML 2015, section 2.3 and appendix.
 Weights and velocities are held in fixed point, ``c = trunc(x * 2^52)`` as
 int64. Adding a float ``a`` adds ``trunc(a * 2^52)`` and is undone exactly by
 subtracting the same float. Multiplying by a momentum ``gamma ~ n / d`` with
-``d = 2^16`` and ``n = floor(gamma d) + 1`` destroys ``log2(d / n)`` bits per
+``d = 2^16`` (``RADIX``) and ``n = floor(gamma d) + 1`` destroys ``log2(d / n)`` bits per
 weight, which are pushed into an information buffer and popped back when the
 multiplication is undone:
 
@@ -62,7 +62,10 @@ C_LIMIT = 2 ** 62
 #: Largest representable magnitude, 2^62 / 2^52 = 1024.
 X_LIMIT = C_LIMIT / SCALE
 RADIX_BITS = 16
-D = 2 ** RADIX_BITS
+#: d = 2^16: the momentum gamma is applied as n / d, and d is the radix of the digits that
+#: multiplying by n / d pushes into the buffer (``d`` in the module docstring).
+RADIX = 2 ** RADIX_BITS
+D = RADIX   # the former name; kept while shared.schedule and shared.reversal import it
 
 _U64 = np.uint64
 
@@ -76,8 +79,8 @@ def momentum_numerator(gamma) -> np.ndarray:
     if not np.all(np.isfinite(g)) or np.any(g <= 0) or np.any(g >= 1):
         bad = g[~((g > 0) & (g < 1))] if g.ndim else g
         raise ConfigError(f"momentum must lie in (0, 1); got {np.ravel(bad)[:5].tolist()}")
-    n = np.floor(g * D).astype(np.int64) + 1
-    if np.any(n >= D):
+    n = np.floor(g * RADIX).astype(np.int64) + 1
+    if np.any(n >= RADIX):
         raise ConfigError(f"momentum {float(np.max(g))!r} is too close to 1: with the 2^-16 quantisation it "
                           f"would be applied as exactly 1 (use at most {1 - 2.0 ** -15:.6f})")
     return n
@@ -85,7 +88,7 @@ def momentum_numerator(gamma) -> np.ndarray:
 
 def quantised_momentum(gamma) -> np.ndarray:
     """The momentum actually applied, n/d (float64, exact)."""
-    return momentum_numerator(gamma) / D
+    return momentum_numerator(gamma) / RADIX
 
 
 def to_fixed(x, what="value", step=None) -> np.ndarray:
@@ -120,7 +123,7 @@ class _FixedPointOps:
 
     def mul_fixed(self, c, n) -> np.ndarray:
         """c * n / d on fixed-point integers: (c div d) n + pop_n, with c mod d pushed."""
-        return (c >> RADIX_BITS) * n + self.mul_step(c & (D - 1), n)
+        return (c >> RADIX_BITS) * n + self.mul_step(c & (RADIX - 1), n)
 
     def div_fixed(self, c, n) -> np.ndarray:
         """The inverse of ``mul_fixed``: (c div n) d + pop_d, with c mod n pushed."""
@@ -141,7 +144,7 @@ class IntBuffer(_FixedPointOps):
 
     def mul_step(self, r1, n) -> np.ndarray:
         """push(r1, radix d) then pop(radix n); returns r2."""
-        self.B = self.B * D + np.asarray(r1, dtype=object)
+        self.B = self.B * RADIX + np.asarray(r1, dtype=object)
         n = np.broadcast_to(np.asarray(n, dtype=object), self.B.shape)
         r2 = self.B % n
         self.B = self.B // n
@@ -150,8 +153,8 @@ class IntBuffer(_FixedPointOps):
     def div_step(self, r2, n) -> np.ndarray:
         """push(r2, radix n) then pop(radix d); returns r1."""
         self.B = self.B * np.asarray(n, dtype=object) + np.asarray(r2, dtype=object)
-        r1 = self.B % D
-        self.B = self.B // D
+        r1 = self.B % RADIX
+        self.B = self.B // RADIX
         return r1.astype(np.int64)
 
     def bits(self) -> float:
@@ -171,7 +174,7 @@ _HI = _U64(2 ** 47)
 _LOW16 = _U64(0xFFFF)
 _SH16 = _U64(16)
 _SHP = _U64(PREC)
-_FD = _U64(2 ** PREC // D)      # frequency of each radix-d digit (uniform), 2^15
+_FD = _U64(2 ** PREC // RADIX)  # frequency of each radix-d digit (uniform), 2^15
 _SHF = _U64(PREC - RADIX_BITS)  # log2(_FD)
 _FMASK = _FD - _U64(1)
 _MF = np.float64(2 ** PREC)

@@ -71,94 +71,29 @@ those (default: all groups). ``flatten``, ``unflatten``, ``flatten_grads`` and
 of ``groups``, not the order in which ``tuned`` was written); untuned groups
 keep their values through ``unflatten``. ``total_size`` counts every group.
 
-Files (``save``/``load``): ``STEM.npz`` holds the free arrays (keys ``g0``,
-``g1``, ... in group order) and ``STEM.json`` the description (format and
-version, layout via ``ParamLayout.to_json``, ``n_iters``, per group its name,
-transform, shape and key, the tuned names, the coverage (absent in older files:
-all), and the SHA-256 of the ``.npz`` so
-that a pair written by different saves is detected). Both are written
-atomically (temporary file in the same folder, then ``os.replace``).
+Modules: ``shared.hypergroup`` (the transforms and one validated group),
+``shared.hypers_file`` (the ``save``/``load`` file pair), ``shared.run_hypers``
+(the command line's ``standard`` container and ``--hypers-from``); this one
+holds the container ``HyperParams``, the shape rules and the units.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
 
+from shared import hypers_file
 from shared.coverage import DEFAULT as COVER_ALL
 from shared.coverage import check_coverage
 from shared.coverage import mask as coverage_mask
 from shared.errors import ConfigError
+from shared.hypergroup import (ITER_SHAPES, SHAPES, TRANSFORMS, HyperGroup, as_shape, check_domain,  # noqa: F401
+                               dconstrained_dfree, logit, readonly, sigmoid, to_constrained, to_free)
+from shared.hypers_file import FILE_FORMAT, FILE_VERSION  # noqa: F401
 from shared.layout import ParamLayout
-from shared.records import write_bytes_atomic
 
-TRANSFORMS = ("log", "logit", "identity")
-SHAPES = ("scalar", "block", "unit", "param", "iter", "iter_block")
-ITER_SHAPES = ("iter", "iter_block")
 STANDARD_GROUPS = ("l2", "lr", "momentum", "init_scale")
-
-FILE_FORMAT = "hyperparams"
-FILE_VERSION = 1
-
-
-# --- transforms (pure functions on arrays) ------------------------------------
-
-def sigmoid(s) -> np.ndarray:
-    """sigmoid(s) = 1 / (1 + exp(-s)), evaluated with exp(-|s|) so it never overflows."""
-    s = np.asarray(s, dtype=float)
-    with np.errstate(under="ignore"):
-        e = np.exp(-np.abs(s))
-    return np.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-def logit(h) -> np.ndarray:
-    """logit(h) = log h - log(1 - h), the inverse of ``sigmoid`` on (0, 1)."""
-    h = np.asarray(h, dtype=float)
-    return np.log(h) - np.log1p(-h)
-
-
-def to_constrained(transform: str, free) -> np.ndarray:
-    """h = exp(s) | sigmoid(s) | s."""
-    free = np.asarray(free, dtype=float)
-    if transform == "log":
-        with np.errstate(over="ignore", under="ignore"):
-            return np.exp(free)
-    if transform == "logit":
-        return sigmoid(free)
-    if transform == "identity":
-        return free.copy()
-    raise ConfigError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
-
-
-def to_free(transform: str, value) -> np.ndarray:
-    """s = log h | logit h | h (the caller has checked the domain)."""
-    value = np.asarray(value, dtype=float)
-    if transform == "log":
-        return np.log(value)
-    if transform == "logit":
-        return logit(value)
-    if transform == "identity":
-        return value.copy()
-    raise ConfigError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
-
-
-def dconstrained_dfree(transform: str, value) -> np.ndarray:
-    """dh/ds from the constrained value h: h | h (1 - h) | 1."""
-    value = np.asarray(value, dtype=float)
-    if transform == "log":
-        return value
-    if transform == "logit":
-        return value * (1.0 - value)
-    if transform == "identity":
-        return np.ones_like(value)
-    raise ConfigError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
 
 
 def units_of_block(shape) -> int:
@@ -222,103 +157,6 @@ def expected_shape(shape: str, layout: ParamLayout, n_iters: int) -> tuple:
     raise ConfigError(f"unknown hyperparameter shape {shape!r}; expected one of {SHAPES}")
 
 
-# --- validation helpers ---------------------------------------------------------
-
-def _first_bad(a: np.ndarray, bad: np.ndarray) -> str:
-    """'got V at index I (k of n entries ...)' for the first True entry of ``bad``."""
-    idx = tuple(int(i) for i in np.argwhere(bad)[0]) if a.ndim else ()
-    v = float(a[idx]) if a.ndim else float(a)
-    where = f" at index {idx[0] if len(idx) == 1 else idx}" if a.ndim else ""
-    count = f" ({int(np.count_nonzero(bad))} of {a.size} entries)" if a.size > 1 else ""
-    return f"got {v!r}{where}{count}"
-
-
-def _check_finite(name: str, what: str, a: np.ndarray) -> None:
-    bad = ~np.isfinite(a)
-    if np.any(bad):
-        raise ConfigError(f"hyperparameter {name!r}: non-finite {what}; {_first_bad(a, bad)}")
-
-
-def _check_domain(name: str, transform: str, value: np.ndarray) -> None:
-    """Constrained values must be finite and inside the transform's range."""
-    _check_finite(name, "value", value)
-    if transform == "log":
-        bad = ~(value > 0)
-        if np.any(bad):
-            raise ConfigError(f"hyperparameter {name!r} (transform 'log') must be > 0; "
-                              f"{_first_bad(value, bad)}")
-    elif transform == "logit":
-        bad = ~((value > 0) & (value < 1))
-        if np.any(bad):
-            raise ConfigError(f"hyperparameter {name!r} (transform 'logit') must lie strictly "
-                              f"in (0, 1); {_first_bad(value, bad)}")
-
-
-def _as_shape(name: str, what: str, a, shape: str, want: tuple) -> np.ndarray:
-    """Float array of shape ``want``; a scalar is broadcast."""
-    try:
-        arr = np.asarray(a, dtype=float)
-    except (TypeError, ValueError):
-        raise ConfigError(f"hyperparameter {name!r}: {what} is not numeric: {a!r}") from None
-    if arr.ndim == 0:
-        return np.full(want, float(arr))
-    if arr.shape != want:
-        raise ConfigError(f"hyperparameter {name!r}: shape {shape!r} expects an array of shape "
-                          f"{want} (or a scalar); got {what} of shape {arr.shape}")
-    return arr.copy()
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a.setflags(write=False)
-    return a
-
-
-# --- one group ------------------------------------------------------------------
-
-@dataclass(frozen=True, eq=False)
-class HyperGroup:
-    """One named group: free values ``free`` (read-only), a transform and a shape rule.
-
-    Construction checks the transform and shape names, that ``free`` is finite
-    and that the constrained value is inside its range (exp(s) > 0 and finite,
-    0 < sigmoid(s) < 1), so that a saturated transform is reported, not used.
-    The shape against a layout is checked by ``HyperParams``.
-    """
-
-    name: str
-    transform: str
-    shape: str
-    free: np.ndarray
-
-    def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"hyperparameter group name must be a non-empty string; got {self.name!r}")
-        if self.transform not in TRANSFORMS:
-            raise ConfigError(f"hyperparameter {self.name!r}: unknown transform {self.transform!r}; "
-                              f"expected one of {TRANSFORMS}")
-        if self.shape not in SHAPES:
-            raise ConfigError(f"hyperparameter {self.name!r}: unknown shape {self.shape!r}; "
-                              f"expected one of {SHAPES}")
-        free = np.array(self.free, dtype=float)
-        _check_finite(self.name, "free value", free)
-        value = to_constrained(self.transform, free)
-        _check_domain(self.name, self.transform, value)
-        object.__setattr__(self, "free", _readonly(free))
-        object.__setattr__(self, "_value", _readonly(value))
-
-    @property
-    def value(self) -> np.ndarray:
-        """Constrained values h = transform(free), same shape as ``free`` (read-only)."""
-        return self._value
-
-    @property
-    def count(self) -> int:
-        return int(self.free.size)
-
-    def __repr__(self):
-        return f"HyperGroup({self.name!r}, {self.transform!r}, {self.shape!r}, shape={self.free.shape})"
-
-
 # --- the container --------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -364,14 +202,14 @@ class HyperParams:
         if unknown:
             raise ConfigError(f"coverage given for {unknown}, which are not hyperparameter groups; groups are {names}")
         object.__setattr__(self, "cover", cover)
-        object.__setattr__(self, "_masks", {n: _readonly(coverage_mask(self.layout, k)) for n, k in cover.items()})
+        object.__setattr__(self, "_masks", {n: readonly(coverage_mask(self.layout, k)) for n, k in cover.items()})
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "tuned", tuple(n for n in names if n in tuned))
         object.__setattr__(self, "_index", {n: i for i, n in enumerate(names)})
         # cached once: ParamLayout recomputes sizes/offsets on every access
         sizes = np.asarray(self.layout.sizes, dtype=np.intp)
-        object.__setattr__(self, "_block_of", _readonly(np.repeat(np.arange(len(sizes)), sizes)))
-        object.__setattr__(self, "_offsets", _readonly(np.asarray(self.layout.offsets, dtype=np.intp)))
+        object.__setattr__(self, "_block_of", readonly(np.repeat(np.arange(len(sizes)), sizes)))
+        object.__setattr__(self, "_offsets", readonly(np.asarray(self.layout.offsets, dtype=np.intp)))
         object.__setattr__(self, "_all_blocks_nonempty", bool(np.all(sizes > 0)))
         object.__setattr__(self, "_n_params", int(sizes.sum()))
         object.__setattr__(self, "_spans", tuple((int(o), int(n)) for o, n in zip(self._offsets, sizes)))
@@ -380,7 +218,7 @@ class HyperParams:
     def _units(self) -> np.ndarray:
         """``unit_index(layout)``, cached (read-only)."""
         if self._unit_of is None:
-            object.__setattr__(self, "_unit_of", _readonly(unit_index(self.layout)))
+            object.__setattr__(self, "_unit_of", readonly(unit_index(self.layout)))
         return self._unit_of
 
     def _reduce_units(self, per_param: np.ndarray) -> np.ndarray:
@@ -431,8 +269,8 @@ class HyperParams:
             want = expected_shape(shape, layout, n_iters) if shape in SHAPES else None
             if want is None:
                 raise ConfigError(f"hyperparameter {name!r}: unknown shape {shape!r}; expected one of {SHAPES}")
-            h = _as_shape(name, "value", value, shape, want)
-            _check_domain(name, transform, h)
+            h = as_shape(name, "value", value, shape, want)
+            check_domain(name, transform, h)
             with np.errstate(divide="ignore"):
                 groups.append(HyperGroup(name, transform, shape, to_free(transform, h)))
         return cls(layout, n_iters, tuple(groups), tuned, cover)
@@ -440,14 +278,14 @@ class HyperParams:
     def with_free(self, name: str, free) -> "HyperParams":
         """New container with group ``name``'s free values replaced (scalar broadcast)."""
         g = self.group(name)
-        arr = _as_shape(name, "free value", free, g.shape, g.free.shape)
+        arr = as_shape(name, "free value", free, g.shape, g.free.shape)
         return self._replace(HyperGroup(name, g.transform, g.shape, arr))
 
     def with_value(self, name: str, value) -> "HyperParams":
         """New container with group ``name``'s constrained values replaced (validated)."""
         g = self.group(name)
-        h = _as_shape(name, "value", value, g.shape, g.free.shape)
-        _check_domain(name, g.transform, h)
+        h = as_shape(name, "value", value, g.shape, g.free.shape)
+        check_domain(name, g.transform, h)
         return self._replace(HyperGroup(name, g.transform, g.shape, to_free(g.transform, h)))
 
     def with_tuned(self, names) -> "HyperParams":
@@ -704,19 +542,9 @@ class HyperParams:
                 "tuned": list(self.tuned), "groups": out}
 
     def save(self, path) -> None:
-        """Write ``STEM.npz`` (free arrays) and ``STEM.json`` (description), atomically."""
-        npz_path, json_path = _paths(path)
-        buf = io.BytesIO()
-        np.savez(buf, **{f"g{i}": g.free for i, g in enumerate(self.groups)})
-        data = buf.getvalue()
-        desc = {"format": FILE_FORMAT, "version": FILE_VERSION,
-                "layout": self.layout.to_json(), "n_iters": self.n_iters,
-                "groups": [{"name": g.name, "transform": g.transform, "shape": g.shape, "key": f"g{i}"}
-                           for i, g in enumerate(self.groups)],
-                "tuned": list(self.tuned), "cover": dict(self.cover),
-                "npz": npz_path.name, "npz_sha256": hashlib.sha256(data).hexdigest()}
-        write_bytes_atomic(npz_path, data)
-        write_bytes_atomic(json_path, (json.dumps(desc, indent=1) + "\n").encode())
+        """Write ``STEM.npz`` (free arrays) and ``STEM.json`` (description), atomically
+        (``shared.hypers_file``)."""
+        hypers_file.save(self, path)
 
     @classmethod
     def load(cls, path, layout: Optional[ParamLayout] = None) -> "HyperParams":
@@ -724,51 +552,7 @@ class HyperParams:
 
         With ``layout`` given, the stored layout must equal it.
         """
-        npz_path, json_path = _paths(path)
-        try:
-            desc = json.loads(json_path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"hyperparameter file {json_path} is missing") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"hyperparameter file {json_path} is corrupt: {e}") from None
-        try:
-            if desc.get("format") != FILE_FORMAT or desc.get("version") != FILE_VERSION:
-                raise ValueError(f"not a {FILE_FORMAT} v{FILE_VERSION} description "
-                                 f"(format {desc.get('format')!r}, version {desc.get('version')!r})")
-            stored_layout = ParamLayout.from_json(desc["layout"])
-            n_iters = desc["n_iters"]
-            specs = [(d["name"], d["transform"], d["shape"], d["key"]) for d in desc["groups"]]
-            tuned = tuple(desc["tuned"])
-            cover = dict(desc.get("cover", {}))      # files written before coverage existed: all
-            sha = desc["npz_sha256"]
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"hyperparameter file {json_path} is corrupt: {e}") from None
-        if layout is not None and layout != stored_layout:
-            raise ConfigError(f"hyperparameter file {json_path} was saved for layout {stored_layout.to_json()}, "
-                              f"expected {layout.to_json()}")
-        try:
-            data = npz_path.read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"hyperparameter file {npz_path} is missing") from None
-        except OSError as e:
-            raise ConfigError(f"hyperparameter file {npz_path} cannot be read: {e}") from None
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise ConfigError(f"hyperparameter file {npz_path} does not match {json_path} "
-                              f"(checksum differs: corrupt, or written by another save)")
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                arrays = {key: z[key] for _, _, _, key in specs}
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise ConfigError(f"hyperparameter file {npz_path} is corrupt: {e}") from None
-        for name, _, _, key in specs:
-            if arrays[key].dtype.kind not in "biuf":
-                raise ConfigError(f"hyperparameter file {npz_path}: group {name!r} holds {arrays[key].dtype} "
-                                  "values, not real numbers")
-        try:
-            groups = tuple(HyperGroup(n, tr, sh, arrays[k]) for n, tr, sh, k in specs)
-            return cls(stored_layout, n_iters, groups, tuned, cover)
-        except ConfigError as e:
-            raise ConfigError(f"hyperparameter files {json_path}/{npz_path.name}: {e}") from None
+        return hypers_file.load(cls, path, layout)
 
     def __repr__(self):
         gs = ", ".join(f"{g.name}:{g.transform}:{g.shape}{list(g.free.shape)}" + ("" if g.name in self.tuned else "(fixed)")
@@ -787,118 +571,13 @@ def check_fits(hypers, layout: ParamLayout, n_iters: int) -> None:
         raise ConfigError(f"hyperparameters were built for {hypers.n_iters} training steps; this run has {n_iters}")
 
 
-def _paths(path) -> tuple:
-    """(STEM.npz, STEM.json) for ``STEM``, ``STEM.npz`` or ``STEM.json``."""
-    p = Path(os.fspath(path))
-    stem = p.with_suffix("") if p.suffix in (".npz", ".json") else p
-    return stem.parent / (stem.name + ".npz"), stem.parent / (stem.name + ".json")
+_MOVED = {"standard", "HYPERS_STEM", "check_coverage_matches", "load_for_run", "load_fixed"}
 
 
-# --- the command line's container -------------------------------------------------
-
-def standard(layout: ParamLayout, n_iters: int, *, lr, momentum, l2, init_scales,
-             groups=STANDARD_GROUPS, l2_shape="param", lr_shape="iter_block",
-             momentum_shape="iter_block", l2_on=COVER_ALL) -> HyperParams:
-    """The four groups every training run uses; ``groups`` says which are TUNED.
-
-    l2 (log, ``l2_shape``), lr (log, ``lr_shape``), momentum (logit,
-    ``momentum_shape``), init_scale (log, 'block'; ``init_scales`` is a
-    per-block array or a scalar). All four are always present, in that order;
-    ``groups`` becomes ``HyperParams.tuned`` (what flatten/unflatten see).
-    ``l2_on`` is the coverage of l2 (``shared.coverage``: 'all' or 'weights').
-    """
-    groups = tuple(groups)
-    unknown = [g for g in groups if g not in STANDARD_GROUPS]
-    if unknown:
-        raise ConfigError(f"unknown hyperparameter groups {unknown}; choose from {list(STANDARD_GROUPS)}")
-    specs = {"l2": (l2, "log", l2_shape), "lr": (lr, "log", lr_shape),
-             "momentum": (momentum, "logit", momentum_shape),
-             "init_scale": (init_scales, "log", "block")}
-    return HyperParams.from_values(layout, n_iters, specs, tuned=groups, cover={"l2": l2_on})
-
-
-# --- --hypers-from: starting from hyperparameters an earlier run learned ---------
-
-HYPERS_STEM = "hypers"        # RUN_DIR/hypers.npz + hypers.json (``meta``, ``gpu_ver drmad``)
-
-
-def _layout_difference(saved: ParamLayout, here: ParamLayout) -> str:
-    """The first difference between two layouts, in words (names and shapes of the blocks)."""
-    def shape(s):
-        return "x".join(map(str, s)) or "scalar"
-    for i, (a, b) in enumerate(zip(zip(saved.names, saved.shapes), zip(here.names, here.shapes))):
-        if a != b:
-            return f"block {i} is {a[0]} {shape(a[1])} there, {b[0]} {shape(b[1])} in this model"
-    return f"{saved.n_blocks} parameter blocks there, {here.n_blocks} in this model"
-
-
-def check_coverage_matches(h: HyperParams, source, l2_on, option="--hypers-from") -> None:
-    """ConfigError unless the file's l2 coverage is the run's ``--l2-on`` (None: not checked)."""
-    if l2_on is None or "l2" not in h:
-        return
-    saved = h.coverage("l2")
-    if saved != l2_on:
-        raise ConfigError(f"{option} {source}: its l2 was learned with --l2-on {saved}; this run has --l2-on "
-                          f"{l2_on} (pass --l2-on {saved})")
-
-
-def load_for_run(source, layout: ParamLayout, n_iters, groups=None, option="--hypers-from",
-                 steps_option="--iters", l2_on=None) -> HyperParams:
-    """The hyperparameters saved in ``source`` (a run folder holding ``hypers.json`` and
-    ``hypers.npz``, or such a file / stem), for a run with ``layout`` and ``n_iters`` steps.
-
-    ConfigError, naming ``option`` and ``source``, for a path that holds none, a file
-    saved for another layout (which block differs) or for another number of training
-    steps. ``groups`` (the command's ``--hypers``) become the tuned groups; each must be
-    in the file. The file's values and shapes replace the command's ``--lr``, ``--l2``,
-    ``--momentum`` and ``--*-shape``. ``n_iters=None``: any number of steps (the caller
-    checks the shapes); ``steps_option`` names the option that sets the steps. ``l2_on``
-    (the run's ``--l2-on``; None: not checked) must be the coverage the file's l2 has."""
-    p = Path(os.fspath(source))
-    if p.is_dir():
-        if not (p / f"{HYPERS_STEM}.json").is_file():
-            raise ConfigError(f"{option} {source}: no {HYPERS_STEM}.json there (a run of meta or gpu_ver drmad "
-                              "saves its learned hyperparameters)")
-        p = p / HYPERS_STEM
-    elif not any(q.is_file() for q in _paths(p)):
-        raise ConfigError(f"{option} {source}: no such run folder or hyperparameter file")
-    h = HyperParams.load(p)
-    if h.layout != layout:
-        raise ConfigError(f"{option} {source}: saved for another layout ({h.layout.size} parameters; this model has "
-                          f"{layout.size}: {_layout_difference(h.layout, layout)})")
-    if n_iters is not None and h.n_iters != n_iters:
-        raise ConfigError(f"{option} {source}: saved for {h.n_iters} training steps; this run has {n_iters} "
-                          f"({steps_option})")
-    check_coverage_matches(h, source, l2_on, option)
-    if groups is not None:
-        missing = [g for g in groups if g not in h]
-        if missing:
-            raise ConfigError(f"{option} {source}: has no {missing[0]!r} group to tune (it holds "
-                              f"{', '.join(h.names)})")
-        h = h.with_tuned(groups)
-    return h
-
-
-def load_fixed(source, layout: ParamLayout, scalar=(), per_param=(), option="--hypers-from",
-               l2_on=None) -> dict:
-    """Values for a run that keeps its hyperparameters fixed over the steps (``gpu_ver train``):
-    from the file ``load_for_run`` finds in ``source`` (same layout; any number of steps),
-    each group of ``scalar`` as a float (its shape must be ``scalar``) and each group of
-    ``per_param`` as a (layout.size,) array (any shape that does not change with the step:
-    scalar, block, unit, param). A group the file lacks is left out; one of another shape
-    is refused, naming it. ``l2_on``: as for ``load_for_run`` (the per-parameter values
-    are masked by the file's coverage)."""
-    h = load_for_run(source, layout, None, option=option, l2_on=l2_on)
-    out = {}
-    for name in (*scalar, *per_param):
-        if name not in h:
-            continue
-        shape = h.group(name).shape
-        if name in scalar and shape != "scalar":
-            raise ConfigError(f"{option} {source}: its {name!r} has shape {shape!r}; this command takes one value "
-                              f"(a file whose {name!r} has shape 'scalar')")
-        if name in per_param and shape in ITER_SHAPES:
-            raise ConfigError(f"{option} {source}: its {name!r} has shape {shape!r} (one value per step); this "
-                              f"command keeps {name!r} fixed (shape scalar, block, unit or param)")
-        out[name] = float(h.value(name)) if name in scalar else h.per_param(name)
-    return out
+def __getattr__(name):
+    """``standard`` and the ``--hypers-from`` loaders live in ``shared.run_hypers`` (which
+    imports this module); the old names stay importable from here."""
+    if name in _MOVED:
+        from shared import run_hypers  # noqa: PLC0415 (run_hypers imports this module)
+        return getattr(run_hypers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

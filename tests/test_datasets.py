@@ -478,3 +478,17 @@ def test_real_mnist_matches_checksum_table():
         raw = (REAL_MNIST / name).read_bytes()
         assert _sha(raw) == ds.MNIST_FILES[name][1]
         assert hashlib.md5(raw).hexdigest() == ds.PUBLISHED_MD5[name]
+
+
+def test_synthetic_images_are_a_pure_function_of_the_arguments():
+    d = ds.synthetic_images(n_train=40, n_val=10, n_test=6, n_classes=3, size=8, seed=4)
+    assert d.name == "synthetic-images" and d.n_classes == 3 and d.input_shape == (3, 8, 8)
+    assert (len(d.train), len(d.val), len(d.test)) == (40, 10, 6)
+    assert d.train.X.dtype == np.float64 and d.train.y.dtype == np.int64
+    again = ds.synthetic_images(n_train=40, n_val=10, n_test=6, n_classes=3, size=8, seed=4)
+    np.testing.assert_array_equal(d.val.X, again.val.X)
+    other = ds.synthetic_images(n_train=40, n_val=10, n_test=6, n_classes=3, size=8, seed=5)
+    assert not np.array_equal(d.val.X, other.val.X)
+    X = np.concatenate([d.train.X, d.val.X, d.test.X])
+    # template (unit std) plus N(0, 1) noise, over sqrt 2: std about 1 (3 * 64 * 56 values)
+    assert abs(X.std() - 1.0) < 0.1 and abs(X.mean()) < 0.2

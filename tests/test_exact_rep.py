@@ -11,7 +11,7 @@ import pytest
 
 from shared.errors import ConfigError, FixedPointOverflow, ReversalError
 import shared.exact_rep as exact_rep
-from shared.exact_rep import (D, X_LIMIT, ExactRep, IntBuffer, VectorBuffer, from_fixed,
+from shared.exact_rep import (RADIX as D, X_LIMIT, ExactRep, IntBuffer, VectorBuffer, from_fixed,
                               momentum_numerator, quantised_momentum, to_fixed)
 
 EXTREMES = (0.01, 0.5, 0.9, 0.99, 0.9999)

@@ -122,3 +122,50 @@ def test_densenet_eval_with_running_stats(tiny_net):
     assert not np.allclose(a, b)
     # evaluation with running stats is per example: a batch of one gives the same rows
     assert np.allclose(f.logits(w, X[:1], stats), a[:1], rtol=1e-12, atol=1e-12)
+
+
+def test_densenet_plan_units_are_named_records_that_still_index_as_tuples():
+    net = M.DenseNet(depth=10, growth=3, bottleneck=True, compression=0.5, input_shape=(3, 8, 8), n_classes=4)
+    plan = net.plan()
+    kinds = {type(u): u.kind for u in plan}
+    assert kinds == {M.Conv: "conv", M.BatchNorm: "bn", M.Keep: "keep", M.Concat: "concat", M.Pool: "pool",
+                     M.GlobalPool: "gap", M.Dense: "fc"}
+    assert all(u[0] == u.kind for u in plan)
+    bns = [u for u in plan if u.kind == "bn"]
+    assert net.bn_units() == bns
+    assert [u[3] for u in bns] == [u.hw for u in bns]            # the positional reading is the field
+    assert tuple(u.channels for u in bns) == net.bn_channels
+    shapes = dict(zip(net.layout.names, net.layout.shapes))
+    for u in plan:
+        if u.kind == "conv":
+            assert shapes[f"{u.name}.W"] == (u.out_channels, u.in_channels, u.kernel_size, u.kernel_size)
+        elif u.kind == "fc":
+            assert shapes["fc.W"] == (u.n_in, u.n_out) and u.n_out == 4
+
+
+def test_bn_running_update_is_torchs_running_average():
+    """r_mean <- 0.9 r_mean + 0.1 mu, r_var <- 0.9 r_var + 0.1 var n/(n-1), n = batch * H * W."""
+    theano, tt = M.theano, M.tt
+    rng = np.random.default_rng(3)
+    x0 = rng.standard_normal((5, 2, 3, 4)) * 2.0 + 1.0
+    r0 = (rng.standard_normal(2), rng.uniform(0.5, 2.0, 2))
+    rm, rv = theano.shared(r0[0].copy()), theano.shared(r0[1].copy())
+    x = tt.tensor4("x")
+    _, stats = M.batch_norm(x, tt.ones((2,)), tt.zeros((2,)))
+    upd = M.bn_running_update((rm, rv), stats, x.shape[0] * 3 * 4, momentum=0.1)
+    assert [u[0] for u in upd] == [rm, rv]
+    theano.function([x], [], updates=upd)(x0)
+    # float64, 60 values per channel: rounding of a mean and a variance, about 1e-15 relative
+    np.testing.assert_allclose(rm.get_value(), 0.9 * r0[0] + 0.1 * x0.mean(axis=(0, 2, 3)), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(rv.get_value(), 0.9 * r0[1] + 0.1 * x0.var(axis=(0, 2, 3), ddof=1), rtol=1e-12)
+
+
+def test_bn_running_updates_pair_every_bn_layer_with_its_running_average():
+    tt = M.tt
+    net = M.DenseNet(depth=7, growth=3, input_shape=(3, 8, 8), n_classes=4)
+    state = M.SGDState(net, net.init(0))
+    stats = [(tt.vector(f"mu{i}"), tt.vector(f"var{i}")) for i in range(net.n_bn)]
+    upd = M.bn_running_updates(net, state.bn, stats, 5)
+    assert [u[0] for u in upd] == [s for pair in state.bn for s in pair]
+    mlp = M.MLP((4, 3, 2), "tanh")
+    assert M.bn_running_updates(mlp, [], [], 5) == []

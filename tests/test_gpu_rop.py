@@ -28,7 +28,7 @@ from gpu_ver import models as M  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 
 U = 2.0 ** -53
-T = M.T
+T = M.tt  # theano.tensor
 
 
 def rel(a, b):
