@@ -10,7 +10,7 @@ from gpu_ver import config
 config.load(device="cpu", floatX="float64")
 
 from gpu_ver import __main__ as cli  # noqa: E402
-from gpu_ver import check, crosscheck, meta  # noqa: E402
+from gpu_ver.cli import check, crosscheck, drmad as meta  # noqa: E402
 
 
 @pytest.fixture(scope="module")

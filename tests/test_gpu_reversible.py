@@ -29,7 +29,7 @@ from gpu_ver import config
 config.load(device="cpu", floatX="float64")
 
 from cpu_ver import reversible as CR  # noqa: E402  (the reference; tests may import it)
-from gpu_ver import check as GC  # noqa: E402
+from gpu_ver import fdcheck as GC  # noqa: E402
 from gpu_ver import crosscheck as CC  # noqa: E402
 from gpu_ver import drmad as D  # noqa: E402
 from gpu_ver import reversible as R  # noqa: E402
