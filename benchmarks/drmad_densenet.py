@@ -2,7 +2,7 @@
 
 The fidelity study of the seed thesis's network, which it could not measure: for each
 number of steps T, momentum and DrMAD completion, the cosine similarity and the sign
-agreement (``gpu_ver.hypergrad_cli.agreement``) of DrMAD's hypergradient
+agreement (``gpu_ver.cli.hypergrad.agreement``) of DrMAD's hypergradient
 (``gpu_ver.drmad.DrMAD``) with the exact one (``gpu_ver.reversible.Reversible``,
 bit-exact reversal), per hyperparameter group.
 
@@ -60,7 +60,7 @@ LR0, LR1, L2 = 0.05, 0.01, 1e-4
 
 def make(T: int, momentum: float):
     """(problem, hypers) of the study at T steps and one momentum for every block."""
-    from gpu_ver import check as GC  # noqa: PLC0415
+    from gpu_ver import fdcheck as GC  # noqa: PLC0415
 
     problem, _ = GC.densenet_problem(0, T=T)
     lr = LR0 + (LR1 - LR0) * np.arange(T) / max(T - 1, 1)
@@ -80,7 +80,7 @@ def study_one(T: int, momentum: float, ks, log=print, engines=None) -> dict:
     momentum (only the hyperparameter values change), which saves loading them again."""
     from gpu_ver import drmad as D  # noqa: PLC0415
     from gpu_ver import reversible as R  # noqa: PLC0415
-    from gpu_ver.hypergrad_cli import compare  # noqa: PLC0415
+    from gpu_ver.cli.hypergrad import compare  # noqa: PLC0415
 
     engines = {} if engines is None else engines
     problem, H = make(T, momentum)

@@ -78,7 +78,7 @@ def _load():
 
 def make(T: int, momentum: float = 0.9, lr: float = 0.05):
     """(problem, hypers): the check DenseNet, T steps, per-block l2 / momentum, scalar lr."""
-    from gpu_ver import check as GC  # noqa: PLC0415
+    from gpu_ver import fdcheck as GC  # noqa: PLC0415
 
     problem, _ = GC.densenet_problem(0, T=T)
     return problem, problem.hypers(lr=lr, momentum=momentum, l2=1e-4, l2_shape="block",
@@ -248,12 +248,12 @@ def _state_bytes(traj) -> dict:
 
 def _warm_exact_rep(size: int) -> None:
     """Load the buffer's compiled kernels and the progress-bar module before measuring."""
-    from gpu_ver import drmad as D  # noqa: PLC0415
+    from gpu_ver.problem import progress_bar  # noqa: PLC0415
     from shared.exact_rep import ExactRep, momentum_numerator  # noqa: PLC0415
 
     V, n = ExactRep(np.zeros(size), "warm-up"), momentum_numerator(0.9)
     V.mul(n, 0).sub(np.full(size, 1e-3), 0).add(np.full(size, 1e-3), 0).div(n, 0)
-    D._bar(1, "warm-up", False).close()
+    progress_bar(1, "warm-up", False).close()
 
 
 def memory_child(T: int) -> dict:

@@ -14,7 +14,8 @@ Meta-optimisers are (init, update) pairs of pure functions, as in optax::
   m = b1 m + (1-b1) g;  s = b2 s + (1-b2) g^2;  x -= eta mhat / (sqrt(shat) + eps)
 * sign-SGD (as in the DrMAD experiments): x -= eta sign(g)
 
-Optional clipping rescales g to a maximum Euclidean norm. Non-finite
+Optional clipping (``shared.meta_opt.Clip``) rescales g to a maximum Euclidean
+norm and then clips its entries. Non-finite
 hypergradients stop the loop with ``NonFiniteError`` naming the meta-iteration.
 The loop checkpoints after every meta-iteration and resumes to identical
 results: everything it depends on (hyperparameters, optimiser state, history)
@@ -34,7 +35,7 @@ from shared.cli import option_identity
 from shared.errors import ConfigError, NonFiniteError
 from shared.interrupt import check as check_interrupt
 from shared.interrupt import checkpointed
-from shared.meta_opt import checkpoint_arrays, clip_by_norm, make_optimizer
+from shared.meta_opt import HISTORY_KEYS, apply_clip, as_clip, checkpoint_arrays, make_optimizer, new_history
 from shared.records import load_checkpoint, require_arrays, save_checkpoint
 
 
@@ -47,10 +48,10 @@ def compute_hypergradient(problem: Problem, hypers, method: str, drmad_opts: dic
 
 
 def evaluate(problem: Problem, w) -> dict:
-    """Train loss (cross-entropy on the whole training split), validation loss, test error."""
+    """Train loss (cross-entropy on the whole training split), validation loss and error, test error."""
     m = problem.model
     out = {"train_loss": m.nll(w, problem.X_train, problem.y_train),
-           "val_loss": m.nll(w, problem.X_val, problem.y_val)}
+           "val_loss": m.nll(w, problem.X_val, problem.y_val), "val_error": m.error(w, problem.X_val, problem.y_val)}
     if problem.X_test is not None and len(problem.y_test):
         out["test_error"] = m.error(w, problem.X_test, problem.y_test)
     return out
@@ -69,9 +70,11 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
         resume: bool = False, config: dict = None, progress: bool = True, on_iter=None):
     """The meta-optimisation loop. Returns ``(final hypers, history dict)``.
 
-    ``history`` has one entry per meta-iteration in ``train_loss``, ``val_loss``,
-    ``test_error``, ``hypergradient_norm``, ``meta_objective`` and ``seconds`` (its
-    duration, so that a resumed run's total counts the meta-iterations before the resume).
+    ``history`` has one entry per meta-iteration in ``shared.meta_opt.HISTORY_KEYS``
+    (``train_loss``, ``val_loss``, ``val_error``, ``test_error``, ``hypergradient_norm``,
+    ``meta_objective``; as ``gpu_ver.meta.run``) and ``seconds`` (its duration, so that a
+    resumed run's total counts the meta-iterations before the resume). ``clip``: a
+    ``shared.meta_opt.Clip``, a number (the norm) or None.
     """
     drmad_opts = dict(drmad_opts or {})
     if method == "drmad" and drmad_opts.get("velocity") == "ignore":
@@ -82,10 +85,11 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
     if n_meta < 0:
         raise ConfigError(f"number of meta-iterations must be >= 0, got {n_meta}")
     opt = make_optimizer(optimizer, meta_lr)
+    clip = as_clip(clip)
     x = hypers.flatten()
     state = opt.init(x)
-    keys = ("train_loss", "val_loss", "test_error", "hypergradient_norm", "meta_objective", "seconds")
-    history = {k: [] for k in keys}
+    history = new_history()
+    keys = tuple(history)
     start = 0
     ident = option_identity(config or {})      # one key per option: a refused resume names it
     if resume:
@@ -118,11 +122,11 @@ def run(problem: Problem, hypers, *, n_meta: int, method: str = "exact", drmad_o
                                      "lower the learning rates or the meta step")
             ev = evaluate(problem, res.w_final)
             gnorm = float(np.linalg.norm(g))
-            for k, v in [("train_loss", ev["train_loss"]), ("val_loss", ev["val_loss"]),
-                         ("test_error", ev.get("test_error", float("nan"))),
-                         ("hypergradient_norm", gnorm), ("meta_objective", res.objective)]:
-                history[k].append(float(v))
-            x, state = opt.update(x, clip_by_norm(g, clip), state)
+            figures = {**ev, "test_error": ev.get("test_error", float("nan")), "hypergradient_norm": gnorm,
+                       "meta_objective": res.objective}
+            for k in HISTORY_KEYS:
+                history[k].append(float(figures[k]))
+            x, state = opt.update(x, apply_clip(g, clip), state)
             hypers = hypers.unflatten(x)
             history["seconds"].append(time.perf_counter() - t_iter)     # kept across a resume, unlike a clock
             bar.set_postfix(val=f"{ev['val_loss']:.4f}", gnorm=f"{gnorm:.3g}")

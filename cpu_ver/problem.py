@@ -18,7 +18,7 @@ import numpy as np
 from cpu_ver.models import MLP
 from shared.datasets import Dataset, batch_indices
 from shared.errors import ConfigError
-from shared.hyperparams import check_fits
+from shared.hyperparams import check_fits, standard
 from shared.schedule import Step, schedule  # noqa: F401 (re-exported: cpu_ver's modules import them here)
 
 
@@ -54,6 +54,31 @@ class Problem:
     def from_dataset(cls, model, data: Dataset, **kw) -> "Problem":
         return cls(model, data.train.X, data.train.y, data.val.X, data.val.y,
                    X_test=data.test.X, y_test=data.test.y, **kw)
+
+    @property
+    def layout(self):
+        return self.model.layout
+
+    def default_init_scales(self) -> np.ndarray:
+        return self.model.default_init_scales()
+
+    def init_base(self) -> np.ndarray:
+        """The draw the initial scales multiply, w0 = expand(scale) * base (``gpu_ver.problem``'s name)."""
+        return self.init_noise()
+
+    def hypers(self, *, lr=0.1, momentum=0.9, l2=1e-4, init_scales=None, groups=("l2",), l2_shape="param",
+               lr_shape="scalar", momentum_shape="scalar", l2_on="all"):
+        """A ``shared.hyperparams.standard`` container for this problem (as ``gpu_ver.problem.Problem.hypers``)."""
+        return standard(self.layout, self.n_iters, lr=lr, momentum=momentum, l2=l2,
+                        init_scales=self.default_init_scales() if init_scales is None else init_scales,
+                        groups=groups, l2_shape=l2_shape, lr_shape=lr_shape, momentum_shape=momentum_shape,
+                        l2_on=l2_on)
+
+    def describe(self) -> dict:
+        return {"model": {"model": "mlp", "sizes": list(self.model.sizes), "activation": self.model.activation},
+                "n_params": self.layout.size, "n_iters": int(self.n_iters), "batch_size": int(self.batch_size),
+                "batch_seed": int(self.batch_seed), "init_seed": int(self.init_seed), "n_train": len(self.y_train),
+                "n_val": len(self.y_val), "meta_objective": self.meta_objective}
 
     def batch(self, t: int):
         idx = batch_indices(len(self.y_train), self.batch_size, self.batch_seed, t)

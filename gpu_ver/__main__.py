@@ -1,8 +1,8 @@
 """``python -m gpu_ver <command>``: the Theano backend's command line.
 
 Commands live in the registry ``COMMANDS`` (name -> ``Command``). To add one,
-write ``add_<name>_args(parser)`` and ``run_<name>(args) -> int`` and add an
-entry; import Theano-using modules inside ``run_<name>`` only (``main`` calls
+write ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int`` in a command
+module ``gpu_ver/cli/<name>.py`` and add an entry; import Theano-using modules inside ``run_<name>`` only (``main`` calls
 ``config.load`` with ``--device``/``--floatX`` first, and Theano's flags cannot
 change after import).
 
@@ -50,7 +50,7 @@ class Command:
 
 def argv_record(args) -> list:
     """The command line for command.txt and results.json, as a person would paste it."""
-    return cli.invocation("gpu_ver", args._argv)
+    return cli.record_argv("gpu_ver", args)
 
 
 def out_dir(args):
@@ -153,13 +153,13 @@ COMMANDS: dict = {
     "train": Command("train DenseNet (or an MLP) on CIFAR-10 with checkpoints", add_train_args, run_train,
                      default_floatX="float32", checkpoint="checkpoint.npz"),
     "drmad": Command("DrMAD hypergradients and meta-optimisation of L2 strengths (MLP or DenseNet)",
-                     _lazy("gpu_ver.meta", "add_drmad_arguments"), _lazy("gpu_ver.meta", "run_drmad"),
+                     _lazy("gpu_ver.cli.drmad", "add_drmad_arguments"), _lazy("gpu_ver.cli.drmad", "run_drmad"),
                      checkpoint="checkpoint.npz"),
     "hypergrad": Command("one hypergradient of the validation loss: exact (reversible), DrMAD, or both with "
-                         "their agreement", _lazy("gpu_ver.hypergrad_cli", "add_hypergrad_arguments"),
-                         _lazy("gpu_ver.hypergrad_cli", "run_hypergrad")),
+                         "their agreement", _lazy("gpu_ver.cli.hypergrad", "add_hypergrad_arguments"),
+                         _lazy("gpu_ver.cli.hypergrad", "run_hypergrad")),
     "check": Command("finite-difference checks of this backend's hypergradients",
-                     _lazy("gpu_ver.check", "add_check_arguments"), _lazy("gpu_ver.check", "run_check")),
+                     _lazy("gpu_ver.cli.check", "add_check_arguments"), _lazy("gpu_ver.cli.check", "run_check")),
     "adaptive": Command("online adaptation of learning rates and L2 strengths during training",
                         _lazy("gpu_ver.cli.adaptive", "add_adaptive_arguments"),
                         _lazy("gpu_ver.cli.adaptive", "run_adaptive_command"),
@@ -168,8 +168,8 @@ COMMANDS: dict = {
                         _lazy("gpu_ver.devcheck", "add_devcheck_arguments"),
                         _lazy("gpu_ver.devcheck", "run_devcheck"), default_floatX="float32"),
     "crosscheck": Command("the same MLP problem through both backends",
-                          _lazy("gpu_ver.crosscheck", "add_crosscheck_arguments"),
-                          _lazy("gpu_ver.crosscheck", "run_crosscheck")),
+                          _lazy("gpu_ver.cli.crosscheck", "add_crosscheck_arguments"),
+                          _lazy("gpu_ver.cli.crosscheck", "run_crosscheck")),
 }
 
 

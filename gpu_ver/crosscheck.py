@@ -1,4 +1,5 @@
-"""``python -m gpu_ver crosscheck``: the same MLP problem through both backends.
+"""The same MLP problem through both backends (``python -m gpu_ver crosscheck``,
+``gpu_ver.cli.crosscheck``).
 
 One problem (scikit-learn's digits, 300 train / 200 validation; MLP 64-20-10
 tanh by default; the same initial weights, minibatches and hyperparameters:
@@ -12,7 +13,7 @@ in ``floatX``). Metrics:
                            (both with the quantised momentum).
 ``max_rel_diff_hypergradient``   method -> number: ``drmad`` (K = 1, grid t/T,
                            velocity reconstructed, every group) and each
-                           method of ``gpu_ver.adaptive.crosscheck_adaptive()``
+                           method of ``gpu_ver.online.crosscheck_adaptive()``
                            when that module exists. Per group
                            max|g_gpu - g_cpu| / max|g_cpu|, then the max over groups.
 ``max_rel_diff_drmad_full_vs_exact``   gpu DrMAD with K = T against cpu_ver's
@@ -23,7 +24,7 @@ in ``floatX``). Metrics:
 
 Targets: float64 1e-12 (weights, exact), 1e-10 (hypergradients), 1e-8 (full vs
 exact); float32 (a GPU run against the float64 reference) 1e-4 for all. Exit
-status 1 if one is missed. Figures are reported with the dtype.
+status of the command is 1 if one is missed. Figures are reported with the dtype.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def build(seed=0, T=30, layers=(64, 20, 10), activation="tanh", batch=50, datase
     """(cpu problem, gpu problem, hypers): identical data, init, batches, hyperparameters."""
     from cpu_ver import models as CM  # noqa: PLC0415 (the reference, lazily)
     from cpu_ver.problem import Problem as CProblem  # noqa: PLC0415
-    from gpu_ver import drmad as D  # noqa: PLC0415
     from gpu_ver import models as M  # noqa: PLC0415
+    from gpu_ver.problem import Problem as GProblem  # noqa: PLC0415
     from shared.datasets import load, make_synthetic  # noqa: PLC0415
     from shared.hyperparams import n_units  # noqa: PLC0415
 
@@ -62,7 +63,7 @@ def build(seed=0, T=30, layers=(64, 20, 10), activation="tanh", batch=50, datase
         data = make_synthetic(n=300, n_features=layers[0], n_classes=layers[-1], seed=seed, n_val=200, n_test=100)
     cp = CProblem.from_dataset(CM.MLP(tuple(layers), activation), data, n_iters=T, batch_size=batch,
                                batch_seed=seed, init_seed=seed)
-    gp = D.Problem.from_dataset(M.MLP(tuple(layers), activation), data, n_iters=T, batch_size=batch,
+    gp = GProblem.from_dataset(M.MLP(tuple(layers), activation), data, n_iters=T, batch_size=batch,
                                 batch_seed=seed, init_seed=seed)
     rng = np.random.default_rng(seed + 1)
     lay = gp.layout
@@ -81,6 +82,7 @@ def crosscheck(seed=0, T=30, layers=(64, 20, 10), activation="tanh", batch=50, a
     from cpu_ver import reversible, sgd  # noqa: PLC0415
     from gpu_ver import drmad as D  # noqa: PLC0415
     from gpu_ver import reversible as GR  # noqa: PLC0415
+    from gpu_ver.problem import floatX  # noqa: PLC0415
 
     timings = {}
     t0 = time.perf_counter()
@@ -107,7 +109,7 @@ def crosscheck(seed=0, T=30, layers=(64, 20, 10), activation="tanh", batch=50, a
     d_full = group_diffs(gT.grads, cx.grads)
     d_exact = group_diffs(gx.grads, cx.grads)
     metrics = {
-        "dtype": D.floatX(),
+        "dtype": floatX(),
         "max_rel_diff_weights": max(per_step.values()),
         "rel_diff_weights_by_step": per_step,
         "max_rel_diff_hypergradient": {"drmad": max(d_drmad.values())},
@@ -122,19 +124,14 @@ def crosscheck(seed=0, T=30, layers=(64, 20, 10), activation="tanh", batch=50, a
     if adaptive and metrics["dtype"] != "float64":
         metrics["adaptive"] = "skipped: the online methods' one-step checks need float64"
     elif adaptive:
-        try:
-            from gpu_ver.adaptive import crosscheck_adaptive  # noqa: PLC0415
-        except ImportError:
-            metrics["adaptive"] = "gpu_ver.adaptive.crosscheck_adaptive not available"
-        else:
-            t5 = time.perf_counter()
-            for m, v in dict(crosscheck_adaptive()).items():
-                metrics["max_rel_diff_hypergradient"][str(m)] = float(v)
-            from gpu_ver import config  # noqa: PLC0415
-            if config.on_gpu(config.load()):
-                from gpu_ver.adaptive import unexpected_host_ops  # noqa: PLC0415
-                metrics["adaptive_unexpected_host_ops"] = unexpected_host_ops()
-            timings["adaptive_s"] = time.perf_counter() - t5
+        from gpu_ver import config  # noqa: PLC0415
+        from gpu_ver.online import crosscheck_adaptive, unexpected_host_ops  # noqa: PLC0415
+        t5 = time.perf_counter()
+        for m, v in dict(crosscheck_adaptive()).items():
+            metrics["max_rel_diff_hypergradient"][str(m)] = float(v)
+        if config.on_gpu(config.load()):
+            metrics["adaptive_unexpected_host_ops"] = unexpected_host_ops()
+        timings["adaptive_s"] = time.perf_counter() - t5
     timings["total_s"] = time.perf_counter() - t0
     return metrics, timings
 
@@ -161,32 +158,3 @@ def print_table(metrics) -> None:
         print(f"  {meth:<22}" + "  ".join(f"{k} {v:.2e}" for k, v in d.items()))
     for meth, ops in (metrics.get("adaptive_unexpected_host_ops") or {}).items():
         print(f"  host ops of the device step [{meth}]: {', '.join(ops)}")
-
-
-# --------------------------------------------------------------------------- command line
-def add_crosscheck_arguments(p):
-    p.add_argument("--iters", type=int, default=30, help="training steps T")
-    p.add_argument("--layers", default="64,20,10", help="MLP sizes (digits: 64 inputs, 10 classes)")
-    p.add_argument("--activation", default="tanh", choices=("tanh", "relu", "softplus"))
-    p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--dataset", default="digits", choices=("digits", "synthetic"),
-                   help="digits (scikit-learn) or synthetic Gaussian clusters (no scikit-learn needed)")
-    p.add_argument("--no-adaptive", action="store_true", help="skip gpu_ver.adaptive.crosscheck_adaptive")
-
-
-add_crosscheck_args = add_crosscheck_arguments      # the registry's spelling (gpu_ver/__main__.py)
-
-
-def run_crosscheck(args) -> int:
-    from gpu_ver.meta import _argv, _config  # noqa: PLC0415
-    from shared import records  # noqa: PLC0415
-    from shared.mlp_spec import parse_layers  # noqa: PLC0415
-
-    layers = parse_layers(args.layers)
-    metrics, timings = crosscheck(args.seed, args.iters, layers, args.activation, args.batch,
-                                  adaptive=not args.no_adaptive, dataset=args.dataset)
-    print_table(metrics)
-    out = args.out or records.default_run_dir("crosscheck")
-    records.write_results(out, _argv(args), {**_config(args), "floatX": metrics["dtype"]}, metrics, timings)
-    print(f"results: {out}/{records.RESULTS_FILE}")
-    return 0 if all(ok for *_, ok in verdict(metrics)) else 1

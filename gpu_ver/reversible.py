@@ -59,7 +59,7 @@ objective is ``gpu_ver.drmad``'s (chunks, batch statistics per chunk).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -72,23 +72,26 @@ from shared.reversal import (HypergradResult, Trajectory, check_recovered, check
 from shared.schedule import schedule
 
 theano = config.load()
-T = theano.tensor
-from gpu_ver import drmad as D  # noqa: E402 (after config.load)
-from gpu_ver import fncache  # noqa: E402
+tt = theano.tensor
+from gpu_ver import fncache  # noqa: E402 (after config.load)
 from gpu_ver import models as M  # noqa: E402
+from gpu_ver.problem import (GROUPS, Problem, check_shapes, floatX, progress_bar, schedule_table,  # noqa: E402
+                             table_grad, val_chunks)
 
-Problem = D.Problem
+ACCUMULATED = ("lr", "momentum", "l2")      # the groups adjoint_step accumulates (init_scale: at the end)
 
 
 @dataclass
 class Adjoint:
-    """Reverse-mode state as shared variables: dw, dv and the hypergradient accumulators
-    (``dl2`` per parameter, ``dlr`` / ``dmomentum`` per row and block of the schedule tables)."""
+    """Reverse-mode state: dw, dv and the per-group hypergradients being accumulated
+    (``cpu_ver.reversible.Adjoint``). Held as shared variables by an engine; inside
+    ``adjoint_step`` a copy's fields become the symbolic new values."""
     dw: object
     dv: object
-    dl2: object
-    dlr: object
-    dmom: object
+    grads: dict = field(default_factory=dict)
+
+    def copy(self) -> "Adjoint":
+        return Adjoint(self.dw, self.dv, dict(self.grads))
 
 
 @dataclass
@@ -99,25 +102,120 @@ class SymbolicStep:
     l2: object
 
 
-def adjoint_step(model, step: SymbolicStep, X, y, w_t, v_next, adj: Adjoint, hvp: str = M.DEFAULT_HVP):
-    """One reverse step of the hypergradient recursion as a Theano graph (the recursion of
-    ``cpu_ver.reversible.adjoint_step``, eqs. 4 and 7-12 of docs/ALGORITHMS.md).
+class DeviceHypers:
+    """The hyperparameters of one set of group shapes on the device, as ``adjoint_step``
+    uses them (the symbolic counterpart of ``shared.hyperparams.HyperParams``).
 
-    Returns ``(g_t, nll_t, contributions, dw_new, dv_new)``: ``contributions`` maps the
-    groups ``lr``, ``momentum``, ``l2`` to their per-parameter terms at this step, which the
-    caller sums into the accumulators. The gradient and both second-order terms come
-    from ONE vector-Jacobian product of grad_w L with respect to (w, lambda) (``hvp``: the
-    Hessian-vector product reverse over reverse or forward over reverse,
-    ``gpu_ver.models.symbolic_grad_and_hvp``).
+    Shared variables: the per-parameter L2 strengths ``l2``, the (rows, blocks) tables of
+    learning rates and quantised momenta (``gpu_ver.problem.schedule_table``), ``block_of``
+    and the accumulators ``grads`` (``dl2`` per parameter, ``dlr`` / ``dmomentum`` per row
+    and block). ``step(t)`` is step t's ``SymbolicStep``; ``accumulate`` adds a
+    per-parameter term, reduced to the group's shape, to a group's symbolic total.
+    """
+
+    def __init__(self, layout, hypers: HyperParams):
+        check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
+        self.layout, self.fx = layout, floatX()
+        self.shapes = {n: hypers.group(n).shape for n in GROUPS}
+        self.rows = {n: schedule_table(hypers, n).shape[0] for n in ("lr", "momentum")}
+        P, B, fx = layout.size, layout.n_blocks, self.fx
+
+        def sh(shape, name):
+            return theano.shared(np.zeros(shape, fx), name=name)
+        self.l2 = sh(P, "l2")
+        self.tables = {"lr": sh((self.rows["lr"], B), "lr_table"),
+                       "momentum": sh((self.rows["momentum"], B), "momentum_table")}
+        self.block_of = theano.shared(layout.block_of().astype(np.int64), name="block_of")
+        self.grads = {"l2": sh(P, "dl2"), "lr": sh((self.rows["lr"], B), "dlr"),
+                      "momentum": sh((self.rows["momentum"], B), "dmomentum")}
+
+    def _row(self, name, t):
+        return 0 if self.rows[name] == 1 else t
+
+    def per_param(self, name, t):
+        """Step t's per-parameter values of a schedule group (its table row, expanded)."""
+        return self.tables[name][self._row(name, t)][self.block_of]
+
+    def step(self, t) -> SymbolicStep:
+        return SymbolicStep(self.per_param("lr", t), self.per_param("momentum", t), self.l2)
+
+    def accumulate(self, grads: dict, name: str, value, t) -> None:
+        """grads[name] += value reduced to the group's shape (per parameter for L2, per
+        block into row t of a schedule table)."""
+        if name == "l2":
+            grads[name] = grads[name] + value
+        else:
+            grads[name] = tt.inc_subtensor(grads[name][self._row(name, t)], M.block_sums(value, self.layout))
+
+    def updates(self, grads: dict, names=ACCUMULATED) -> list:
+        """(accumulator, new total) for the groups a graph changed."""
+        return [(self.grads[n], grads[n]) for n in names if grads[n] is not self.grads[n]]
+
+    def check(self, hypers: HyperParams, n_iters: int) -> None:
+        check_fits(hypers, self.layout, n_iters)
+        got = {n: hypers.group(n).shape for n in GROUPS}
+        if got != self.shapes:
+            raise ConfigError(f"hyperparameter shapes {got} differ from the compiled ones {self.shapes}")
+
+    def set(self, hypers: HyperParams, quantise: bool = True) -> np.ndarray:
+        """Copy the L2 strengths and the schedule tables to the device; returns the
+        learning-rate table (host)."""
+        fx = self.fx
+        self.l2.set_value(np.asarray(hypers.per_param("l2"), fx))
+        lr = schedule_table(hypers, "lr")
+        self.tables["lr"].set_value(lr.astype(fx))
+        self.tables["momentum"].set_value(schedule_table(hypers, "momentum", quantise).astype(fx))
+        return lr
+
+    def zero(self) -> None:
+        for s in self.grads.values():
+            s.set_value(np.zeros_like(s.get_value(borrow=True)))
+
+    def collect(self, hypers: HyperParams, dw0: np.ndarray, init_base: np.ndarray, names=GROUPS) -> dict:
+        """The hypergradients of ``names`` from the accumulators; the initial scales by
+        d w0 / d scale_b = base on block b (``cpu_ver.reversible.finish``)."""
+        host = {n: np.asarray(s.get_value(), np.float64) for n, s in self.grads.items()}
+        out = {"l2": hypers.reduce("l2", host["l2"]), "init_scale": hypers.reduce("init_scale", dw0 * init_base)}
+        for n in ("lr", "momentum"):
+            out[n] = table_grad(self.shapes[n], host[n])
+        return {n: out[n] for n in names}
+
+    def shared_variables(self) -> list:
+        return [self.l2, *self.tables.values(), self.block_of, *self.grads.values()]
+
+
+def adjoint_step(model, hypers: DeviceHypers, t, step: SymbolicStep, X, y, w_t, v_next, recover_v,
+                 adj: Adjoint, hvp: str = M.DEFAULT_HVP):
+    """One reverse step of the hypergradient recursion as a Theano graph (shared by exact
+    reversal and DrMAD): ``cpu_ver.reversible.adjoint_step`` line for line::
+
+        dalpha_t  = dw * v_{t+1}
+        dv       += alpha_t dw
+        g_t, H_t u, M_t^T u = one VJP of grad_w L at w_t, u = (1 - gamma_t) dv
+        dgamma_t  = dv * (v_t + g_t)
+        dw       -= H_t u;   dlambda -= M_t^T u;   dv *= gamma_t
+
+    ``recover_v(g_t)`` returns v_t (or None to skip the momentum term) given the gradient
+    at w_t; ``v_next`` None skips the learning-rate term. The gradient and both
+    second-order terms come from ONE vector-Jacobian product of grad_w L with respect
+    to (w, lambda) (``hvp``: reverse over reverse or forward over reverse,
+    ``gpu_ver.models.symbolic_grad_and_hvp``). ``adj`` gets the symbolic new values;
+    returns ``(g_t, nll_t)``.
     """
     one_minus = 1 - step.gamma
-    d_lr = adj.dw * v_next                                          # (4)
-    dv = adj.dv + step.alpha * adj.dw                               # (7)
+    if v_next is not None:
+        hypers.accumulate(adj.grads, "lr", adj.dw * v_next, t)
+    dv = adj.dv + step.alpha * adj.dw
     # H and diag(1 - gamma) do not commute when the momentum differs between parameters:
     # the VJP is taken against (1 - gamma) * dv, not scaled afterwards.
-    g, nll, hv, mv = M.symbolic_grad_and_hvp(model, w_t, X, y, step.l2, one_minus * dv, hvp)   # (9)-(11)
-    d_mom = dv * ((v_next + g) / step.gamma)                        # (8): v_t + g_t by eq. 6
-    return g, nll, {"lr": d_lr, "momentum": d_mom, "l2": -mv}, adj.dw - hv, step.gamma * dv   # (10), (12)
+    g, nll, hv, mv = M.symbolic_grad_and_hvp(model, w_t, X, y, step.l2, one_minus * dv, hvp)
+    v_t = recover_v(g)
+    if v_t is not None:
+        hypers.accumulate(adj.grads, "momentum", dv * (v_t + g), t)
+    hypers.accumulate(adj.grads, "l2", -mv, t)
+    adj.dw = adj.dw - hv
+    adj.dv = step.gamma * dv
+    return g, nll
 
 
 class Reversible:
@@ -129,17 +227,17 @@ class Reversible:
     (``gpu_ver.models.symbolic_grad_and_hvp``).
     """
 
-    velocity = "reconstruct"     # every group has a hypergradient (``gpu_ver.meta.run`` asks DrMAD engines)
+    velocity = "reconstruct"     # every group has a hypergradient (``meta.run`` asks every engine)
 
     def __init__(self, problem: Problem, hypers: HyperParams, *, buffer: str = "vector", hvp: str = M.DEFAULT_HVP):
         M.check_hvp_method(hvp)
         check_fits(hypers, problem.layout, problem.n_iters)
-        D.check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
+        check_shapes(hypers.group("l2").shape, hypers.group("lr").shape, hypers.group("momentum").shape)
         if buffer not in ("vector", "numpy", "int"):
             raise ConfigError(f"buffer must be one of vector, numpy, int, got {buffer!r}")
         self.problem, self.buffer, self.hvp = problem, buffer, hvp
-        self.shapes = {n: hypers.group(n).shape for n in D.GROUPS}
-        self.chunks = D.val_chunks(len(problem.y_val), problem.val_chunk)
+        self.shapes = {n: hypers.group(n).shape for n in GROUPS}
+        self.chunks = val_chunks(len(problem.y_val), problem.val_chunk)
         self.fns = M.Functions(problem.model)
         self._f_eval, self._w_eval = None, None
         t0 = time.perf_counter()
@@ -149,33 +247,24 @@ class Reversible:
 
     # -- graph ------------------------------------------------------------------------------
     def _build(self, hypers):
-        fx, lay, model = D.floatX(), self.problem.layout, self.problem.model
-        P, B = lay.size, lay.n_blocks
+        fx, lay, model = floatX(), self.problem.layout, self.problem.model
         self._fx = fx
-        rows_lr, rows_m = D._table(hypers, "lr").shape[0], D._table(hypers, "momentum").shape[0]
-        z = lambda *s: np.zeros(s, fx)  # noqa: E731
-        sh = lambda a, n: theano.shared(a, name=n)  # noqa: E731
-        self.l2 = sh(z(P), "l2")
-        self.lr_tab, self.mom_tab = sh(z(rows_lr, B), "lr_table"), sh(z(rows_m, B), "momentum_table")
-        block_of = theano.shared(lay.block_of().astype(np.int64), name="block_of")
-        self.adj = Adjoint(sh(z(P), "dw"), sh(z(P), "dv"), sh(z(P), "dl2"), sh(z(rows_lr, B), "dlr"),
-                           sh(z(rows_m, B), "dmomentum"))
-
-        def row(tab, rows, t):
-            return tab[0] if rows == 1 else tab[t]
-
-        def blocksum(x):
-            return M.block_sums(x, lay)
-
-        X, y, t = model.input_var("X"), T.lvector("y"), T.lscalar("t")
-        w_t, v_next = T.vector("w_t", dtype=fx), T.vector("v_next", dtype=fx)
-        step = SymbolicStep(row(self.lr_tab, rows_lr, t)[block_of], row(self.mom_tab, rows_m, t)[block_of], self.l2)
-        a = self.adj
-        g, nll, c, dw_new, dv_new = adjoint_step(model, step, X, y, w_t, v_next, a, self.hvp)
-        updates = [(a.dw, dw_new), (a.dv, dv_new), (a.dl2, a.dl2 + c["l2"]),
-                   (a.dlr, T.inc_subtensor(a.dlr[0 if rows_lr == 1 else t], blocksum(c["lr"]))),
-                   (a.dmom, T.inc_subtensor(a.dmom[0 if rows_m == 1 else t], blocksum(c["momentum"])))]
-        self.f_reverse = fncache.function([X, y, t, w_t, v_next], [g, nll, T.abs_(dw_new).sum()], updates=updates,
+        self.dh = dh = DeviceHypers(lay, hypers)
+        self.l2 = dh.l2
+        P = lay.size
+        self.adj = Adjoint(theano.shared(np.zeros(P, fx), name="dw"), theano.shared(np.zeros(P, fx), name="dv"),
+                           dh.grads)
+        X, y, t = model.input_var("X"), tt.lvector("y"), tt.lscalar("t")
+        w_t, v_next = tt.vector("w_t", dtype=fx), tt.vector("v_next", dtype=fx)
+        step = dh.step(t)
+        # v_t = (v_{t+1} + g_t) / gamma_t - g_t (eq. 6), in floating point; the graph's
+        # v_t + g_t simplifies to (v_{t+1} + g_t) / gamma_t, which differs from the exact v_t
+        # of the host by rounding only.
+        adj = self.adj.copy()
+        g, nll = adjoint_step(model, dh, t, step, X, y, w_t, v_next, lambda g: (v_next + g) / step.gamma - g,
+                              adj, self.hvp)
+        updates = [(self.adj.dw, adj.dw), (self.adj.dv, adj.dv), *dh.updates(adj.grads, ("l2", "lr", "momentum"))]
+        self.f_reverse = fncache.function([X, y, t, w_t, v_next], [g, nll, tt.abs_(adj.dw).sum()], updates=updates,
                                           name="exact_reverse_step", on_unused_input="ignore")
 
     @property
@@ -184,26 +273,20 @@ class Reversible:
         evaluation): compiled on first use (only meta-loops evaluate)."""
         if self._f_eval is None:
             model = self.problem.model
-            w, X, y = T.vector("w", dtype=self._fx), model.input_var("X"), T.lvector("y")
+            w, X, y = tt.vector("w", dtype=self._fx), model.input_var("X"), tt.lvector("y")
             logits, _ = model.forward(M.split(w, self.problem.layout), X, None)
-            outs = [M.cross_entropy(logits, y), T.neq(T.argmax(logits, axis=1), y).sum()]
+            outs = [M.cross_entropy(logits, y), tt.neq(tt.argmax(logits, axis=1), y).sum()]
             self._f_eval = fncache.function([w, X, y], outs, name="exact_eval")
         return self._f_eval
 
     # -- host helpers -----------------------------------------------------------------------
     def _check_hypers(self, hypers):
-        check_fits(hypers, self.problem.layout, self.problem.n_iters)
-        got = {n: hypers.group(n).shape for n in D.GROUPS}
-        if got != self.shapes:
-            raise ConfigError(f"hyperparameter shapes {got} differ from the compiled ones {self.shapes}")
+        self.dh.check(hypers, self.problem.n_iters)
 
     def set_hypers(self, hypers: HyperParams) -> None:
         """Copy the L2 strengths and the schedule tables (quantised momenta) to the device."""
         self._check_hypers(hypers)
-        fx = self._fx
-        self.l2.set_value(np.asarray(hypers.per_param("l2"), fx))
-        self.lr_tab.set_value(D._table(hypers, "lr").astype(fx))
-        self.mom_tab.set_value(D._table(hypers, "momentum", True).astype(fx))
+        self.dh.set(hypers, quantise=True)
 
     def grad(self, w, l2, X, y) -> np.ndarray:
         """g_t = grad_w L at the float weights ``w`` (float64 copy of the device's floatX)."""
@@ -227,7 +310,7 @@ class Reversible:
         V = ExactRep(np.zeros(p.layout.size), "velocity", self.buffer)
         w0_fixed, keys, prints = W.c.copy(), fingerprint_keys(W.c.size), []
         l2 = hypers.per_param("l2")
-        bar = D._bar(p.n_iters, "exact forward", progress)
+        bar = progress_bar(p.n_iters, "exact forward", progress)
         for t in range(p.n_iters):
             prints.append(fingerprint(W, V, keys))
             s = schedule(hypers, t)
@@ -251,9 +334,9 @@ class Reversible:
         objective, dw = self.objective_and_grad(w_T)
         check_finite("validation gradient", dw, p.n_iters)
         a.dw.set_value(dw.astype(fx))
-        for s in (a.dv, a.dl2, a.dlr, a.dmom):
-            s.set_value(np.zeros_like(s.get_value(borrow=True)))
-        bar = D._bar(p.n_iters, "exact reverse", progress)
+        a.dv.set_value(np.zeros_like(a.dv.get_value(borrow=True)))
+        self.dh.zero()
+        bar = progress_bar(p.n_iters, "exact reverse", progress)
         hypers_l2 = hypers.per_param("l2")
         for t in reversed(range(p.n_iters)):
             s = schedule(hypers, t)
@@ -276,13 +359,8 @@ class Reversible:
         return HypergradResult(objective, grads, dw0, w_T, info)
 
     def _collect(self, hypers) -> tuple:
-        a = self.adj
-        dw0 = np.asarray(a.dw.get_value(), np.float64)
-        grads = {"l2": hypers.reduce("l2", np.asarray(a.dl2.get_value(), np.float64)),
-                 "lr": D._from_table(self.shapes["lr"], np.asarray(a.dlr.get_value(), np.float64)),
-                 "momentum": D._from_table(self.shapes["momentum"], np.asarray(a.dmom.get_value(), np.float64)),
-                 "init_scale": hypers.reduce("init_scale", dw0 * self.problem.init_base())}
-        return grads, dw0
+        dw0 = np.asarray(self.adj.dw.get_value(), np.float64)
+        return self.dh.collect(hypers, dw0, self.problem.init_base()), dw0
 
     def hypergradient(self, hypers: HyperParams, *, progress: bool = False) -> HypergradResult:
         """Exact hypergradient of the meta-objective: forward then reverse."""
@@ -302,7 +380,7 @@ class Reversible:
         if self._w_eval is None:
             raise ConfigError("evaluate: no forward pass has run yet")
         w, total, errs = self._w_eval.astype(self._fx), 0.0, 0
-        for a, b in D.val_chunks(n, chunk or self.problem.val_chunk):
+        for a, b in val_chunks(n, chunk or self.problem.val_chunk):
             l, e = self.f_eval(w, np.asarray(X[a:b], self._fx), np.asarray(y[a:b], np.int64))
             total, errs = total + float(l) * (b - a), errs + int(e)
         return total / n, errs / n
@@ -338,7 +416,7 @@ class Reversible:
 # --------------------------------------------------------------------------- cpu_ver's API
 def engine(problem: Problem, hypers: HyperParams, buffer: str = "vector", hvp: str = M.DEFAULT_HVP) -> Reversible:
     """The compiled engine for ``problem``, these hyperparameter shapes and this HVP method (kept on the problem)."""
-    key = ("reversible", buffer, tuple(hypers.group(n).shape for n in D.GROUPS), hvp)
+    key = ("reversible", buffer, tuple(hypers.group(n).shape for n in GROUPS), hvp)
     if key not in problem._cache:
         problem._cache[key] = Reversible(problem, hypers, buffer=buffer, hvp=hvp)
     return problem._cache[key]
@@ -352,7 +430,7 @@ def forward(problem: Problem, hypers, *, buffer: str = "vector", progress: bool 
 def reverse(problem: Problem, hypers, traj: Trajectory, *, progress: bool = False) -> HypergradResult:
     """Exact reverse pass (Algorithm 2); consumes ``traj`` (its state is rewound to step 0)."""
     eng = next((e for k, e in problem._cache.items() if k[0] == "reversible"
-                and k[2] == tuple(hypers.group(n).shape for n in D.GROUPS)), None) or engine(problem, hypers)
+                and k[2] == tuple(hypers.group(n).shape for n in GROUPS)), None) or engine(problem, hypers)
     return eng.reverse(hypers, traj, progress=progress)
 
 

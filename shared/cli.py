@@ -130,6 +130,20 @@ def invocation(package: str, argv) -> list:
 # ---------------------------------------------------------------------------
 # Run folders
 
+def record_argv(package: str, args) -> list:
+    """The command line of a parsed run for command.txt and results.json (``invocation`` of
+    the arguments ``main`` received, kept on ``args._argv``; the process's when absent)."""
+    import sys  # noqa: PLC0415
+
+    return invocation(package, getattr(args, "_argv", sys.argv[1:]))
+
+
+def config_of(args) -> dict:
+    """The options of a parsed run as results.json's ``config``: every public entry that is
+    not a function (``func``, lazily bound commands)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func" and not callable(v)}
+
+
 def check_writable_folder(folder, what: str) -> Path:
     """ConfigError unless ``folder`` is (or can be created as) a writable folder.
 

@@ -49,3 +49,21 @@ def check_groups(objective: Callable, hypers, grads: dict, *, seed: int = 0, eps
         n = directional_fd(F, eps)
         rows.append((name, a, n, relative_error(a, n)))
     return rows
+
+
+def print_table(rows, tol: float) -> None:
+    """The ``check`` commands' table of rows ``(method, group, analytic, numeric, rel_err)``
+    (no analytic value: '-'); rows above ``tol`` are flagged FAIL."""
+    print(f"{'method':<28}{'group':<12}{'analytic':>16}{'finite diff':>16}{'rel err':>11}")
+    for m, g, a, n, e in rows:
+        flag = "" if e <= tol else "  FAIL"
+        a_s, n_s = (f"{a:>16.8e}", f"{n:>16.8e}") if np.isfinite(a) else (f"{'-':>16}", f"{'-':>16}")
+        print(f"{m:<28}{g:<12}{a_s}{n_s}{e:>11.2e}{flag}")
+
+
+def worst_by_method(rows) -> dict:
+    """method -> the largest relative error of its rows (results.json's ``max_rel_err``)."""
+    worst = {}
+    for m, _, _, _, e in rows:
+        worst[m] = max(worst.get(m, 0.0), e)
+    return worst

@@ -67,12 +67,50 @@ def make_optimizer(name: str, lr: float) -> Optimizer:
     return OPTIMIZERS[name](lr)
 
 
+class Clip(NamedTuple):
+    """Hypergradient clipping in both meta loops (``meta.run(..., clip=...)``)::
+
+        g <- g * min(1, norm / ||g||)          (when ``norm`` is set)
+        g <- clip(g, -value, value)            (when ``value`` is set; after the norm)
+
+    ``meta.run`` takes a ``Clip``, a number (the norm alone, the ``--clip`` option) or
+    None (no clipping)."""
+    norm: float | None = None
+    value: float | None = None
+
+
+def as_clip(clip) -> Clip:
+    """A checked ``Clip`` from ``meta.run``'s ``clip`` argument; ConfigError for a bound <= 0."""
+    if clip is None:
+        return Clip()
+    c = clip if isinstance(clip, Clip) else Clip(norm=clip)
+    for option, bound in (("--clip", c.norm), ("--clip-value", c.value)):
+        if bound is not None and not bound > 0:
+            raise ConfigError(f"{option} must be positive, got {bound}")
+    return c
+
+
 def clip_by_norm(g: np.ndarray, max_norm) -> np.ndarray:
     """g * min(1, max_norm / ||g||); no-op when max_norm is None."""
     if max_norm is None:
         return g
     norm = float(np.linalg.norm(g))
     return g if norm <= max_norm else g * (max_norm / norm)
+
+
+def apply_clip(g: np.ndarray, clip: Clip) -> np.ndarray:
+    """``Clip``'s rule: the norm first, then the entries."""
+    g = clip_by_norm(g, clip.norm)
+    return g if clip.value is None else np.clip(g, -clip.value, clip.value)
+
+
+# One entry per meta-iteration in both backends' histories (losses and errors at the
+# weights trained with that iteration's hyperparameters), then ``seconds``.
+HISTORY_KEYS = ("train_loss", "val_loss", "val_error", "test_error", "hypergradient_norm", "meta_objective")
+
+
+def new_history() -> dict:
+    return {k: [] for k in (*HISTORY_KEYS, "seconds")}
 
 
 def checkpoint_arrays(x, state: dict, history: dict) -> dict:

@@ -1,4 +1,4 @@
-"""gpu_ver.crosscheck and gpu_ver.check through the command line: the same MLP problem in
+"""gpu_ver.crosscheck and gpu_ver.fdcheck through the command line: the same MLP problem in
 both backends (float64), and finite-difference checks of this backend (MLP part)."""
 import json
 
@@ -10,7 +10,7 @@ from gpu_ver import config
 config.load(device="cpu", floatX="float64")
 
 from gpu_ver import __main__ as cli  # noqa: E402
-from gpu_ver import check, crosscheck, meta  # noqa: E402
+from gpu_ver.cli import check, crosscheck, drmad as meta  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,27 @@ def test_drmad_command_meta_loop_and_bad_input(main, tmp_path, capsys):
     rc = main(["drmad", "--model", "densenet", "--dataset", "digits", "--out", str(tmp_path / "x"),
                "--device", "cpu"])
     assert rc == 2 and "DenseNet" in capsys.readouterr().err
+
+
+def test_offline_concepts_have_the_same_names_and_signatures_in_both_backends():
+    """Problem, HypergradResult, adjoint_step, meta.run(..., clip=...) and its history keys,
+    fdcheck: one shape in cpu_ver and gpu_ver (docs: issue 14's module map)."""
+    import inspect
+
+    from cpu_ver import fdcheck as CF, meta as CMeta, problem as CP, reversible as CR
+    from gpu_ver import drmad as GD, fdcheck as GF, meta as GMeta, problem as GP, reversible as GR
+    from shared.meta_opt import HISTORY_KEYS
+
+    for name in ("from_dataset", "batch", "w0", "layout", "hypers", "describe", "init_base", "default_init_scales"):
+        assert hasattr(CP.Problem, name) and hasattr(GP.Problem, name), name
+    assert CR.HypergradResult is GR.HypergradResult is GD.HypergradResult
+    cpu_args = list(inspect.signature(CR.adjoint_step).parameters)
+    assert list(inspect.signature(GR.adjoint_step).parameters) == cpu_args + ["hvp"]
+    for run in (CMeta.run, GMeta.run):
+        params = inspect.signature(run).parameters
+        assert "clip" in params and "clip_norm" not in params and "clip_value" not in params
+    assert callable(CF.check_groups) and callable(GF.fd_rows)
+    problem, hypers = CF.check_problem(0, 3)
+    _, hist = CMeta.run(problem, hypers.with_tuned(["l2"]), n_meta=1, progress=False, clip=1.0)
+    assert tuple(hist) == (*HISTORY_KEYS, "seconds") and all(len(v) == 1 for v in hist.values())
+    assert hist["meta_objective"][0] == pytest.approx(hist["val_loss"][0], rel=1e-12)   # val objective

@@ -15,11 +15,12 @@ import theano  # noqa: E402
 
 from cpu_ver import drmad as CD  # noqa: E402  (the reference; tests may import it)
 from cpu_ver import sgd  # noqa: E402
-from gpu_ver import check as GC  # noqa: E402
+from gpu_ver import fdcheck as GC  # noqa: E402
 from gpu_ver import crosscheck as CC  # noqa: E402
 from gpu_ver import drmad as D  # noqa: E402
 from gpu_ver import meta  # noqa: E402
 from shared.errors import ConfigError, NonFiniteError  # noqa: E402
+from shared.meta_opt import Clip, apply_clip, as_clip  # noqa: E402
 from shared.records import save_checkpoint  # noqa: E402
 
 T_MLP = 12
@@ -74,7 +75,7 @@ def test_no_recompilation_in_the_meta_loop(mlp, monkeypatch, tmp_path):
     calls = []
     orig = theano.function
     monkeypatch.setattr(theano, "function", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    h, hist = meta.run(eng, hypers.with_tuned(["l2", "lr"]), n_meta=2, meta_lr=0.05, clip_norm=10.0,
+    h, hist = meta.run(eng, hypers.with_tuned(["l2", "lr"]), n_meta=2, meta_lr=0.05, clip=10.0,
                        progress=False, checkpoint=tmp_path / "c.npz", config={"a": 1})
     assert calls == []
     assert len(hist["val_loss"]) == 2 and all(np.isfinite(hist["val_loss"]))
@@ -156,8 +157,13 @@ def test_checkpoint_steps_and_chunks():
 
 def test_meta_optimisers_and_clip():
     x, g = np.array([1.0, -2.0]), np.array([3.0, -4.0])
-    assert np.allclose(meta.clip(g, 1.0), [0.6, -0.8])
-    assert np.allclose(meta.clip(g, None, 3.5), [3.0, -3.5])
+    assert np.allclose(apply_clip(g, Clip(1.0)), [0.6, -0.8])
+    assert np.allclose(apply_clip(g, Clip(None, 3.5)), [3.0, -3.5])
+    assert np.allclose(apply_clip(g, Clip(1.0, 0.7)), [0.6, -0.7])        # the norm first, then the entries
+    assert as_clip(2.0) == Clip(norm=2.0) and as_clip(None) == Clip()
+    for bad in (0.0, Clip(None, -1.0)):
+        with pytest.raises(ConfigError, match="must be positive"):
+            as_clip(bad)
     opt = meta.make_optimizer("adam", 0.1)
     x1, _ = opt.update(x, g, opt.init(x))
     assert np.allclose(x1, x - 0.1 * np.sign(g), atol=1e-6)     # first Adam step ~ eta sign(g)

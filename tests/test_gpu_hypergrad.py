@@ -10,7 +10,7 @@ from gpu_ver import config
 config.load(device="cpu", floatX="float64")
 
 from gpu_ver import __main__ as cli  # noqa: E402
-from gpu_ver import hypergrad_cli as H  # noqa: E402
+from gpu_ver.cli import hypergrad as H  # noqa: E402
 
 COMMON = ["--layers", "64,20,10", "--iters", "12", "--batch", "50", "--n-train", "300", "--n-val", "200",
           "--hypers", "l2,lr,momentum,init_scale", "--lr-shape", "iter", "--no-progress", "--device", "cpu"]

@@ -29,7 +29,7 @@ from gpu_ver import config
 config.load(device="cpu", floatX="float64")
 
 from cpu_ver import reversible as CR  # noqa: E402  (the reference; tests may import it)
-from gpu_ver import check as GC  # noqa: E402
+from gpu_ver import fdcheck as GC  # noqa: E402
 from gpu_ver import crosscheck as CC  # noqa: E402
 from gpu_ver import drmad as D  # noqa: E402
 from gpu_ver import reversible as R  # noqa: E402
@@ -205,7 +205,7 @@ def test_densenet_100_step_reversal_in_the_check_graph():
 @pytest.mark.parametrize("momentum", [0.5, 0.9, 0.99])
 def test_densenet_1000_step_reversal(floatX, momentum):
     code = ("import sys\nfrom gpu_ver import config; config.load(device='cpu', floatX=sys.argv[1])\n"
-            "from gpu_ver import check as GC, reversible as R\n"
+            "from gpu_ver import fdcheck as GC, reversible as R\n"
             "p, _ = GC.densenet_problem(0, T=1000)\n"
             "h = p.hypers(lr=0.05, momentum=[float(sys.argv[2])] * p.layout.n_blocks, l2=1e-4,"
             " l2_shape='block', momentum_shape='block', groups=('l2', 'lr', 'momentum', 'init_scale'))\n"

@@ -23,7 +23,7 @@ from gpu_ver import config
 
 theano = config.load(device="cpu", floatX="float64")
 
-from gpu_ver import check as GC  # noqa: E402
+from gpu_ver import fdcheck as GC  # noqa: E402
 from gpu_ver import models as M  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 
@@ -87,6 +87,6 @@ def test_unknown_hvp_method_is_config_error():
 def test_command_line_choices_are_the_models_methods():
     """``--hvp`` (gpu_ver drmad, hypergrad, check) is parsed without Theano: its choices and
     default are gpu_ver.meta's copies of the models' constants."""
-    from gpu_ver import meta  # noqa: PLC0415
+    from gpu_ver.cli import problem as meta  # noqa: PLC0415
 
     assert meta.HVP_CHOICES == M.HVP_METHODS and meta.HVP_DEFAULT == M.DEFAULT_HVP

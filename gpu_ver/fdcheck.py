@@ -1,4 +1,6 @@
-"""``python -m gpu_ver check``: finite-difference checks of this backend's hypergradients.
+"""Finite-difference checks of this backend's hypergradients (the stencil and the
+comparison are ``shared.fdcheck``; ``python -m gpu_ver check`` runs them,
+``gpu_ver.cli.check``).
 
 Parts (``--parts``, default all):
 
@@ -24,7 +26,7 @@ perturbed around the quantised value that training applies, and the FD
 objective trains with the unquantised perturbed momentum (as
 ``cpu_ver.fdcheck``). Relative error ``|a - n| / max(|a|, |n|)``; for the HVP
 ``max |Hv - FD| / max |FD|``. metrics: ``max_rel_err`` (method -> number), and
-exit status 1 if one is above ``--tol`` (default 1e-6). Needs float64.
+the command's exit status is 1 if one is above ``--tol`` (default 1e-6). Needs float64.
 
 Theano is imported lazily (inside the functions), so the parser can be built
 before ``gpu_ver.config.load`` runs.
@@ -61,12 +63,12 @@ def _hypers(problem, seed, lr_range):
 
 def mlp_problem(seed: int = 0, T: int = 30):
     """digits (300 train, 200 validation), MLP 64-20-10 tanh, batch 50, T steps."""
-    from gpu_ver import drmad as D  # noqa: PLC0415
     from gpu_ver import models as M  # noqa: PLC0415
+    from gpu_ver import problem as P  # noqa: PLC0415
     from shared.datasets import load  # noqa: PLC0415
 
     data = load("digits", n_train=300, n_val=200, n_test=100, seed=seed)
-    problem = D.Problem.from_dataset(M.MLP((64, 20, 10), "tanh"), data, n_iters=T, batch_size=50,
+    problem = P.Problem.from_dataset(M.MLP((64, 20, 10), "tanh"), data, n_iters=T, batch_size=50,
                                      batch_seed=seed, init_seed=seed)
     return problem, _hypers(problem, seed, (-1.5, -0.5))
 
@@ -74,13 +76,13 @@ def mlp_problem(seed: int = 0, T: int = 30):
 def densenet_problem(seed: int = 0, T: int = 6, depth: int = 7, growth: int = 4, activation: str = "softplus"):
     """Synthetic 8x8 images (32 train, 12 validation in 2 chunks, 4 classes), DenseNet
     depth 7 growth 4, batch 8, T steps."""
-    from gpu_ver import drmad as D  # noqa: PLC0415
     from gpu_ver import models as M  # noqa: PLC0415
+    from gpu_ver import problem as P  # noqa: PLC0415
     from gpu_ver.train import synthetic_images  # noqa: PLC0415
 
     data = synthetic_images(n_train=32, n_val=12, n_test=8, n_classes=4, size=8, seed=seed)
     net = M.DenseNet(depth, growth, n_classes=4, input_shape=(3, 8, 8), activation=activation)
-    problem = D.Problem.from_dataset(net, data, n_iters=T, batch_size=8, batch_seed=seed, init_seed=seed,
+    problem = P.Problem.from_dataset(net, data, n_iters=T, batch_size=8, batch_seed=seed, init_seed=seed,
                                      val_chunk=6)
     return problem, _hypers(problem, seed, (-2.5, -1.5))
 
@@ -123,10 +125,10 @@ def check_hvp(net, *, seed=0, h=1e-4, batch=6, hvp="ror") -> list:
 def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3, hvp="ror") -> tuple:
     """(rows [(method, group, analytic, numeric, rel_err)], timings); ``hvp``: the reverse
     steps' Hessian-vector product ('rop' or 'ror', ``gpu_ver.models.symbolic_grad_and_hvp``)."""
-    from gpu_ver import drmad as D  # noqa: PLC0415
+    from gpu_ver.problem import floatX  # noqa: PLC0415
 
-    if D.floatX() != "float64":
-        raise ConfigError(f"finite-difference checks need float64 (got floatX={D.floatX()}); use --floatX float64")
+    if floatX() != "float64":
+        raise ConfigError(f"finite-difference checks need float64 (got floatX={floatX()}); use --floatX float64")
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise ConfigError(f"--parts: unknown {bad}; choose from {','.join(PARTS)}")
@@ -151,60 +153,9 @@ def run_checks(parts=PARTS, *, seed=0, T_mlp=30, T_densenet=6, eps=1e-3, hvp="ro
             rows += [("exact:densenet", *r) for r in check_exact(problem, hypers, seed=seed, eps=eps, hvp=hvp)]
             timings["exact_s"] = time.perf_counter() - t0
     if "adaptive" in parts:
-        from gpu_ver import adaptive  # noqa: PLC0415
+        from gpu_ver import online as adaptive  # noqa: PLC0415
         t0 = time.perf_counter()
         nan = float("nan")
         rows += [(f"adaptive:{m}", "one-step", nan, nan, float(e)) for m, e in adaptive.check_all().items()]
         timings["adaptive_s"] = time.perf_counter() - t0
     return rows, timings
-
-
-def print_table(rows, tol) -> None:
-    print(f"{'method':<28}{'group':<12}{'analytic':>16}{'finite diff':>16}{'rel err':>11}")
-    for m, g, a, n, e in rows:
-        flag = "" if e <= tol else "  FAIL"
-        a_s, n_s = (f"{a:>16.8e}", f"{n:>16.8e}") if np.isfinite(a) else (f"{'-':>16}", f"{'-':>16}")
-        print(f"{m:<28}{g:<12}{a_s}{n_s}{e:>11.2e}{flag}")
-
-
-# --------------------------------------------------------------------------- command line
-def add_check_arguments(p):
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--iters", type=int, default=30, help="training steps of the MLP check problem")
-    p.add_argument("--densenet-iters", type=int, default=6, help="training steps of the DenseNet check problem")
-    p.add_argument("--eps", type=float, default=1e-3, help="relative finite-difference step")
-    p.add_argument("--tol", type=float, default=1e-6)
-    from gpu_ver.meta import add_hvp_argument  # noqa: PLC0415 (no Theano)
-
-    add_hvp_argument(p)
-
-
-add_check_args = add_check_arguments      # the registry's spelling (gpu_ver/__main__.py)
-
-
-def run_check(args) -> int:
-    from shared import records  # noqa: PLC0415
-    from gpu_ver.meta import _argv, _config  # noqa: PLC0415
-
-    from gpu_ver.meta import check_hvp_option  # noqa: PLC0415
-
-    check_hvp_option(args)
-    parts = tuple(p for p in str(args.parts).split(",") if p)
-    t0 = time.perf_counter()
-    rows, timings = run_checks(parts, seed=args.seed, T_mlp=args.iters, T_densenet=args.densenet_iters,
-                               eps=args.eps, hvp=args.hvp)
-    timings["total_s"] = time.perf_counter() - t0
-    print_table(rows, args.tol)
-    worst = {}
-    for m, g, a, n, e in rows:
-        worst[m] = max(worst.get(m, 0.0), e)
-    out = args.out or records.default_run_dir("check")
-    records.write_results(out, _argv(args), {**_config(args), "floatX": "float64"},
-                          {"max_rel_err": worst, "rows": [list(r) for r in rows], "tol": args.tol}, timings)
-    print(f"results: {out}/{records.RESULTS_FILE}")
-    bad = [m for m, e in worst.items() if not e <= args.tol]
-    if bad:
-        print(f"FAILED (tolerance {args.tol:g}): {', '.join(bad)}")
-        return 1
-    print(f"all {len(rows)} checks within {args.tol:g}")
-    return 0

@@ -14,7 +14,7 @@ hypergradient, so only its L2 and initial-scale groups are compared.
 Files: ``results.json``, ``hypergradient.npz`` (keys ``METHOD/GROUP``),
 ``hypergradient.png`` (exact and the completions that give every tuned group),
 ``command.txt``. The model, data and hyperparameter options are ``gpu_ver drmad``'s
-(``gpu_ver.meta.add_problem_arguments``). This module does not import Theano at the
+(``gpu_ver.cli.problem.add_problem_arguments``). This module does not import Theano at the
 top, so the parser can be built before ``gpu_ver.config.load``.
 """
 from __future__ import annotations
@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from gpu_ver.cli.problem import add_problem_arguments, build_problem
+from shared.cli import config_of, record_argv
 
 METHODS = ("exact", "drmad", "all")
 COMPLETIONS = (("t/T", "reconstruct"), ("cumlr", "reconstruct"), ("t/T", "ignore"), ("cumlr", "ignore"))
@@ -47,8 +50,6 @@ def compare(exact: dict, approx: dict, groups) -> dict:
 
 
 def add_hypergrad_arguments(p):
-    from gpu_ver.meta import add_problem_arguments  # noqa: PLC0415 (no Theano)
-
     add_problem_arguments(p)
     p.add_argument("--method", default="all", choices=METHODS,
                    help="exact (reversible), drmad (--K/--grid/--velocity), or all (exact and every DrMAD "
@@ -56,11 +57,8 @@ def add_hypergrad_arguments(p):
     p.add_argument("--no-progress", action="store_true")
 
 
-add_hypergrad_args = add_hypergrad_arguments      # the registry's spelling (gpu_ver/__main__.py)
-
 
 def run_hypergrad(args) -> int:
-    from gpu_ver.meta import _argv, _config, build_problem  # noqa: PLC0415
     from shared import records  # noqa: PLC0415
 
     out = Path(args.out)          # resolved once by gpu_ver.__main__ (shared.cli.prepare_run_folder)
@@ -117,8 +115,8 @@ def run_hypergrad(args) -> int:
     hypergradient_figure(out / "hypergradient.png", hypers, full,
                          f"hypergradients of the validation loss - {args.model}, {args.iters} steps, "
                          f"floatX {D.floatX()}")
-    config = {**_config(args), "data": data_desc, "problem": problem.describe(), "floatX": D.floatX()}
-    records.write_results(out, _argv(args), config, metrics, timings)
+    config = {**config_of(args), "data": data_desc, "problem": problem.describe(), "floatX": D.floatX()}
+    records.write_results(out, record_argv("gpu_ver", args), config, metrics, timings)
     _print(metrics, main_name)
     print(f"results: {out / records.RESULTS_FILE}")
     return 0
