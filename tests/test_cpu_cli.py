@@ -132,3 +132,17 @@ def test_adaptive_reports_the_baseline_beside_the_adaptive_run(tmp_path):
     assert m["baseline"]["final_val_loss"] == m["baseline"]["val_loss"][-1]
     assert m["val_loss_adaptive_minus_baseline"] == pytest.approx(m["final_val_loss"] - m["baseline"]["final_val_loss"])
     assert 0 <= m["baseline"]["test_error"] <= 1 and m["baseline"]["optimizer"] == "sgd"
+
+
+def test_overwrite_keeps_the_new_runs_arrays_and_plot(tmp_path):
+    """--overwrite into a finished run folder: the earlier run's files go before the new run
+    writes any, so the new hypergradient.npz and .png are there at the end, and are the new run's."""
+    import cpu_ver.__main__ as cpu_main
+
+    out = tmp_path / "r"
+    assert cpu_main.main(["hypergrad", "--out", str(out), *TINY]) == 0
+    first = dict(np.load(out / "hypergradient.npz"))
+    assert cpu_main.main(["hypergrad", "--out", str(out), "--overwrite", "--seed", "1", *TINY]) == 0
+    assert (out / "hypergradient.png").exists()
+    second = dict(np.load(out / "hypergradient.npz"))
+    assert sorted(second) == sorted(first) and any(not np.array_equal(first[k], second[k]) for k in first)

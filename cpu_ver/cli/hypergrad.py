@@ -57,9 +57,11 @@ def cmd_hypergrad(args):
         metrics["max_rel_err_exact_vs_fd"] = max(r[3] for r in rows)
         metrics["fd_directional"] = {r[0]: {"analytic": r[1], "numeric": r[2], "rel_err": r[3]} for r in rows}
     from shared.plotting import METHOD_LABELS, hypergradient_figure, save_hypergradients
+    from shared.records import make_run_dir
     grads = {m: r.grads for m, r in results.items()}
-    save_hypergradients(Path(args.out) / "hypergradient.npz", grads, tuned)
-    hypergradient_figure(Path(args.out) / "hypergradient.png", hypers, grads,
+    out = make_run_dir(args.out)      # first use: with --overwrite, the earlier run's files go now, not after these
+    save_hypergradients(out / "hypergradient.npz", grads, tuned)
+    hypergradient_figure(out / "hypergradient.png", hypers, grads,
                          f"hypergradients of the validation loss: {', '.join(METHOD_LABELS.get(m, m) for m in grads)} "
                          f"- {data.name}, {args.iters} training steps")
     print(f"objective {metrics['val_loss']:.6f}; |hypergradient| per group: "
