@@ -28,6 +28,7 @@ def _load(name):
 
 
 gr = _load("gpu_report")
+smoke = _load("gpu_smoke")
 
 
 @pytest.mark.parametrize("script", ["prepare.sh", "run_on_gpu.sh"])
@@ -36,7 +37,7 @@ def test_shell_syntax(script):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("script", ["gpu_report.py", "torch_densenet.py"])
+@pytest.mark.parametrize("script", ["gpu_report.py", "gpu_smoke.py", "torch_densenet.py"])
 def test_python_compiles(script):
     with open(os.path.join(GPU, script)) as f:
         compile(f.read(), script, "exec")
@@ -208,7 +209,7 @@ def test_driver_without_gpu_writes_report(tmp_path, monkeypatch):
 def test_conv_reference_matches_direct_loops():
     rng = np.random.default_rng(0)
     x, w, g = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal((2, 4, 5, 4))
-    y, gx, gw = gr.conv_reference(x, w, g)
+    y, gx, gw = smoke.conv_reference(x, w, g)
     xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     yd = np.zeros_like(y)
     for n in range(2):
@@ -219,7 +220,7 @@ def test_conv_reference_matches_direct_loops():
     np.testing.assert_allclose(y, yd, rtol=1e-12, atol=1e-12)
     # gradients: linearity in x and w (sum(y*g) is bilinear)
     dx, dw = rng.standard_normal(x.shape), rng.standard_normal(w.shape)
-    f = lambda xx, ww: float(np.sum(gr.conv_reference(xx, ww, g)[0] * g))
+    f = lambda xx, ww: float(np.sum(smoke.conv_reference(xx, ww, g)[0] * g))
     assert np.isclose(f(x + dx, w) - f(x, w), np.sum(gx * dx), rtol=1e-10)
     assert np.isclose(f(x, w + dw) - f(x, w), np.sum(gw * dw), rtol=1e-10)
 
