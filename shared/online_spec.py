@@ -357,9 +357,3 @@ def checked(args: dict, *names) -> tuple:
     else:
         raise ConfigError(f"optimizer must be one of {', '.join(PLAIN_NAMES)}, got {args.get('optimizer')!r}")
     return spec, resolve_options(spec, {o.name: args[o.name] for o in spec.options}, args["layout"].size)
-
-
-def state_groups(spec: MethodSpec, opts: dict, n_params: int, n_of) -> int:
-    """The ``n_groups`` ``spec.init`` receives: the number of groups of the option
-    ``spec.grouping`` (``n_of(kind)``, the backend's grouping), ``n_params`` without one."""
-    return n_of(opts[spec.grouping]) if spec.grouping else n_params

@@ -10,9 +10,10 @@ Every method is a pair of pure functions, as in optax::
 ``state`` is a NamedTuple of arrays (never mutated; ``update`` returns a new
 one) whose fields, and their numpy init, are the method's specification's
 (``shared.online_spec``: ``spec.state``, ``spec.init``; gpu_ver holds the same
-fields as shared variables); this module supplies the updates. ``GradInfo`` carries the training gradient at ``w_t`` and, when a
-method needs them, a Hessian-vector-product closure at ``w_t`` on the same
-batch and a validation-gradient closure. ``run.step(method, model, w, state,
+fields as shared variables); this module supplies the updates. ``GradInfo``
+carries the training gradient at ``w_t`` and, when a method needs them, a
+Hessian-vector-product closure at ``w_t`` on the same batch and a
+validation-gradient closure. ``run.step(method, model, w, state,
 batch, val_batch)`` builds the ``GradInfo`` with the autograd MLP and calls
 ``update``; the gradient is ``model.grad`` for every method, the plain
 optimiser included, so overheads compare like with like.
