@@ -1,16 +1,25 @@
 """The table of online methods: one backend-neutral specification per method.
 
 A specification (``MethodSpec``) holds what does not depend on the backend: the
-method's name, its options with their defaults and validation (a bad value is a
-``ConfigError`` naming the option and the value, raised in both backends before any
-work starts), and, for a method written against the specification alone
-(``cpu_ver.online.rules.from_spec`` / ``gpu_ver.online.rules.from_spec``), its state
-fields, a numpy ``init`` and its grouping. The backends supply only the update: on
-arrays with autograd in cpu_ver, on symbolic variables in gpu_ver.
+method's name, its options with their defaults, validation and normalisation (a bad
+value is a ``ConfigError`` naming the option and the value, raised in both backends
+before any work starts), its state fields and their numpy ``init``, and its grouping.
+The backends supply only the update: on arrays with autograd in cpu_ver, on symbolic
+variables in gpu_ver. Both hold a method's state under the field names of
+``spec.state``, initialised by ``spec.init``: cpu_ver as a NamedTuple of those fields,
+gpu_ver as an ordered dict of Theano shared variables with those keys (an empty array
+marks a field the options leave unused, the moments plain SGD has no use for: cpu_ver
+keeps it as that empty array, gpu_ver keeps no variable for it). What a backend stores
+beyond ``spec.state`` is its own cache, listed with its rules: gpu_ver's fixed L2
+strengths (``l2``, a shared variable the compiled step reads) and IDBD's last
+hypergradient ``hg``, which cpu_ver forms on demand from the trace the update used
+(``h_prev``, with ``clip``). T1-T2 and ``combined`` share the regulariser's fields
+(``REG_STATE``, ``reg_init``); their containers differ (see ``SPECS``).
 
 ``SPECS`` lists the methods of both backends (``METHOD_NAMES`` and the plain
-optimisers ``PLAIN_NAMES``); ``make_method`` in each backend resolves its options here
-(``resolve_options``), so the two validate the same options the same way. Adding a
+optimisers ``PLAIN_NAMES``); ``make_method`` and every builder in each backend resolve
+their options here (``resolve_options``, ``checked``), so the two validate and normalise
+the same options the same way. Adding a
 method: a ``MethodSpec`` with ``init``, ``state``, ``grouping`` and ``lr_view``, plus
 one update per backend (``tests/test_online_spec.py`` adds a toy one and cross-checks
 it, one-step hypergradient against finite differences and cpu against gpu).
@@ -71,7 +80,8 @@ def check_l2(l2, n):
 
 class Option(NamedTuple):
     """One option: ``check(value, n)`` (n: the number of parameters) raises ConfigError
-    naming the option and the value, or returns normally."""
+    naming the option and the value, or returns the value as the backends use it
+    (``float`` of a meta step size, ...; None: the value as given)."""
     name: str
     default: object
     check: Optional[Callable] = None
@@ -82,11 +92,14 @@ class MethodSpec(NamedTuple):
 
     name: the method's name; options: ``Option`` tuple (constructor keywords and their
     defaults); fixed: keywords the name implies (``optimizer`` of hd/sgdn-hd/adam-hd).
-    For a method built from the specification alone: state: the state fields, in order;
-    init(opts, n_groups, w0) -> {field: numpy value}; grouping: the option naming the
-    learning-rate granularity (None: one rate per parameter); lr_view: (state field of
-    the free hyperparameter, "log" or "linear"), what the one-step check differentiates;
-    needs_val: learns from held-out data; needs_hvp(opts): needs H v.
+    state: the state fields, in order; init(opts, n_groups, w0) -> {field: numpy value}
+    (opts: the resolved options, n_groups: the number of groups of the ``grouping``
+    option, the number of parameters without one); grouping: the option naming the
+    learning-rate granularity (None: one rate per parameter); trace: the state field
+    ``reset_trace`` zeroes (IDBD's h, SMD's v); lr_view: for a method built by
+    ``from_spec``, (state field of the free hyperparameter, "log" or "linear"), what the
+    one-step check differentiates; needs_val: learns from held-out data; needs_hvp(opts):
+    needs H v.
     """
     name: str
     options: tuple
@@ -97,6 +110,7 @@ class MethodSpec(NamedTuple):
     lr_view: Optional[tuple] = None
     needs_val: bool = False
     needs_hvp: Callable = lambda opts: False
+    trace: Optional[str] = None
 
     @property
     def defaults(self) -> dict:
@@ -108,6 +122,10 @@ class MethodSpec(NamedTuple):
 
 def _positive(label):
     return lambda v, n: check_positive(label, v)
+
+
+def _positive_float(label):
+    return lambda v, n: float(check_positive(label, v))
 
 
 def _meta(name):
@@ -149,6 +167,7 @@ def _lr_min(v, n):
 def _every(v, n):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
         raise ConfigError(f"hyper-step interval must be an integer >= 1, got {v!r}")
+    return int(v)
 
 
 def _one_of(what, choices):
@@ -164,7 +183,7 @@ def _at(v, n):
 
 
 def _l2(v, n):
-    check_l2(v, n)
+    return check_l2(v, n)
 
 
 L2 = Option("l2", 0.0, _l2)
@@ -179,8 +198,88 @@ L2_FROM_VALIDATION = (Option("l2_init", 1e-4, _positive("initial L2 strength (lo
                       Option("l2_on", "all", lambda v, n: check_coverage(v, "l2_on")))
 
 
+# ---------------------------------------------------------------------------
+# State fields and numpy inits (t and the counters are Python ints, arrays float64;
+# the backends convert: gpu_ver to shared variables of floatX / int64)
+
+def _moment(used, z):
+    """An optimiser moment: zeros like the weights, or empty when the optimiser has none."""
+    return z if used else np.zeros(0)
+
+
+PLAIN_STATE = ("t", "m", "v")    # m, v: momentum / Adam moments (empty when unused)
+
+
+def _plain_init(optimizer):
+    def init(opts, n_groups, w0):
+        return dict(t=0, m=_moment(optimizer != "sgd", np.zeros_like(w0)),
+                    v=_moment(optimizer == "adam", np.zeros_like(w0)))
+    return init
+
+
+# hyper: per-group alpha (additive) or log alpha (log space); u: last applied direction
+# u_{t-1}; m, v: momentum / Adam moments; hg: last hypergradient wrt hyper; n_projected:
+# the steps whose projection onto lr_min bit
+HD_STATE = ("t", "hyper", "u", "m", "v", "hg", "n_projected")
+
+
+def _hd_init(optimizer):
+    def init(opts, n_groups, w0):
+        lr = opts["lr"]
+        h0 = np.full(n_groups, float(lr)) if np.ndim(lr) == 0 else np.asarray(lr, float).copy()
+        if h0.shape != (n_groups,):
+            raise ConfigError(f"initial learning rate: expected a number or {n_groups} values, got shape {h0.shape}")
+        z = np.zeros_like(w0)
+        return dict(t=0, hyper=np.log(h0) if opts["log_space"] else h0, u=z, m=_moment(optimizer != "sgd", z),
+                    v=_moment(optimizer == "adam", z), hg=np.zeros(n_groups), n_projected=0)
+    return init
+
+
+# hyper: per-parameter alpha; u: g_{t-1}; v: running average of g^2; hg: -g_t g_{t-1}
+ALMEIDA_STATE = ("t", "hyper", "u", "v", "hg")
+
+
+def _almeida_init(opts, n_groups, w0):
+    z = np.zeros_like(w0)
+    return dict(t=0, hyper=np.full(w0.shape, opts["lr"]), u=z, v=z, hg=z)
+
+
+# hyper: beta = log alpha per parameter; h: trace ~ dw/dbeta; u: last applied direction (g)
+IDBD_STATE = ("t", "hyper", "h", "u")
+
+
+def _idbd_init(opts, n_groups, w0):
+    z = np.zeros_like(w0)
+    return dict(t=0, hyper=np.log(np.broadcast_to(np.asarray(opts["lr"], float), w0.shape)).copy(), h=z, u=z)
+
+
+# p: gains (per-parameter rates); v: trace ~ dw/dlog p; u: last applied direction (g);
+# hg: last g * v = dL(w_t)/dlog p (one-step)
+SMD_STATE = ("t", "p", "v", "u", "hg")
+
+
+def _smd_init(opts, n_groups, w0):
+    z = np.zeros_like(w0)
+    return dict(t=0, p=np.broadcast_to(np.asarray(opts["lr"], float), w0.shape).copy(), v=z, u=z, hg=z)
+
+
+# The regulariser of t1t2 and combined: s, per-group log L2 strengths; hg, the last dC2/ds;
+# m, v, k: the Adam state of the meta optimiser (k meta steps). cpu_ver's T1T2State adds the
+# cached per-parameter L2 strengths after s; gpu_ver names the fields r_<field> (combined
+# holds them next to the hd fields).
+REG_STATE = ("t", "s", "hg", "m", "v", "k")
+
+
+def reg_init(opts, n_l2_groups) -> dict:
+    """The regulariser's initial fields (``REG_STATE``) from the options ``l2_init``."""
+    s = np.log(np.broadcast_to(np.asarray(opts["l2_init"], float), (n_l2_groups,))).copy()
+    z = np.zeros(n_l2_groups)
+    return dict(t=0, s=s, hg=z, m=z, v=z, k=0)
+
+
 def _plain(name):
-    return MethodSpec(name, (Option("lr", 1e-3, _positive("learning rate")), L2, *MOMENTS), {"optimizer": name})
+    return MethodSpec(name, (Option("lr", 1e-3, _positive_float("learning rate")), L2, *MOMENTS),
+                      {"optimizer": name}, state=PLAIN_STATE, init=_plain_init(name))
 
 
 def _hd(name, optimizer):
@@ -188,24 +287,27 @@ def _hd(name, optimizer):
                              Option("beta", 1e-3, _meta("beta")),
                              Option("granularity", "global", check_granularity), Option("log_space", False), L2,
                              *MOMENTS, CLIP, Option("lr_min", 1e-12, _lr_min)), {"optimizer": optimizer},
-                      grouping="granularity")
+                      state=HD_STATE, init=_hd_init(optimizer), grouping="granularity")
 
 
 SPECS = {
     **{name: _plain(name) for name in PLAIN_NAMES},
     "hd": _hd("hd", "sgd"), "sgdn-hd": _hd("sgdn-hd", "sgdn"), "adam-hd": _hd("adam-hd", "adam"),
-    "almeida": MethodSpec("almeida", (Option("lr", 1e-3, _positive("initial learning rate")),
+    "almeida": MethodSpec("almeida", (Option("lr", 1e-3, _positive_float("initial learning rate")),
                                       Option("beta", 1e-2, _meta("beta")), Option("gamma", 0.99, _decay("gamma")),
-                                      L2, CLIP)),
+                                      L2, CLIP), state=ALMEIDA_STATE, init=_almeida_init),
     "idbd": MethodSpec("idbd", (Option("lr", 1e-3, _positive("initial learning rate")),
                                 Option("theta", 1e-2, _meta("theta")),
                                 Option("trace_decay", 1.0, _decay("trace_decay")),
                                 Option("curvature", "diag", _one_of("idbd curvature", ("diag", "hvp"))), L2, CLIP),
+                       state=IDBD_STATE, init=_idbd_init, trace="h",
                        needs_hvp=lambda o: o["curvature"] == "hvp" and o["trace_decay"] > 0),
     "smd": MethodSpec("smd", (Option("lr", 1e-3, _positive("initial learning rate")), Option("mu", 1e-2, _meta("mu")),
                               Option("lam", 0.99, _decay("lambda")), L2, CLIP),
-                      needs_hvp=lambda o: o["lam"] > 0),
-    "t1t2": MethodSpec("t1t2", (Option("lr", 0.1, _positive("learning rate")),
+                      state=SMD_STATE, init=_smd_init, trace="v", needs_hvp=lambda o: o["lam"] > 0),
+    # t1t2 and combined: the regulariser's fields REG_STATE (reg_init) and, for combined, the
+    # hd fields (SPECS["hd"], log space); their containers are the backends' (see REG_STATE)
+    "t1t2": MethodSpec("t1t2", (Option("lr", 0.1, _positive_float("learning rate")),
                                 Option("l2_groups", "block", check_granularity), *L2_FROM_VALIDATION),
                        needs_val=True),
     "combined": MethodSpec("combined", (Option("lr", 1e-2, _positive("initial learning rate")),
@@ -229,7 +331,7 @@ def method_spec(name) -> MethodSpec:
 def resolve_options(spec: MethodSpec, kw: dict, n: int) -> dict:
     """``kw`` checked against ``spec``: an unknown option, or a bad value of any option
     (given or default), is a ConfigError naming it; returns the options with the
-    defaults filled in (values as given: the backends normalise them)."""
+    defaults filled in, normalised by their checks (``Option``)."""
     names = [o.name for o in spec.options]
     unknown = sorted(set(kw) - set(names))
     if unknown:
@@ -237,5 +339,21 @@ def resolve_options(spec: MethodSpec, kw: dict, n: int) -> dict:
     opts = {**spec.defaults, **kw}
     for o in spec.options:
         if o.check is not None:
-            o.check(opts[o.name], n)
+            value = o.check(opts[o.name], n)
+            if value is not None:
+                opts[o.name] = value
     return opts
+
+
+def checked(args: dict, *names) -> tuple:
+    """(spec, options) of a builder called with ``args`` (its ``locals()`` on entry: ``layout``,
+    the fixed keywords and the options): the specification among ``names`` whose fixed
+    keywords ``args`` holds (an unknown optimiser is a ConfigError), and the options
+    resolved by it (``resolve_options``). Every builder of both backends starts with it,
+    so a direct call checks its options as ``make_method`` does."""
+    for spec in (SPECS[name] for name in names):
+        if all(args.get(k) == v for k, v in spec.fixed.items()):
+            break
+    else:
+        raise ConfigError(f"optimizer must be one of {', '.join(PLAIN_NAMES)}, got {args.get('optimizer')!r}")
+    return spec, resolve_options(spec, {o.name: args[o.name] for o in spec.options}, args["layout"].size)

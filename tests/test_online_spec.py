@@ -22,8 +22,8 @@ from gpu_ver.online import rules as gpu_rules  # noqa: E402
 from gpu_ver.online.crosscheck import rel_difference  # noqa: E402
 from gpu_ver.online.grouping import tt  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
-from shared.online_spec import (SPECS, MethodSpec, Option, check_granularity, check_l2, check_meta_step,  # noqa: E402
-                                 check_positive, method_spec)
+from shared.online_spec import (REG_STATE, SPECS, MethodSpec, Option, check_granularity, check_l2,  # noqa: E402
+                                 check_meta_step, check_positive, method_spec)
 
 FD_TOL, CROSS_TOL = 1e-6, 1e-10      # as tests/test_gpu_adaptive.py (FD: O(h^4) stencil; cross: rounding)
 
@@ -124,3 +124,45 @@ def test_spec_defaults_are_the_builders_defaults(name):
         params = inspect.signature(builder).parameters
         got = {k: p.default for k, p in params.items() if k not in ("layout", "self", *spec.fixed)}
         assert got == spec.defaults, (builder, got, spec.defaults)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_builtin_state_fields_and_init_come_from_the_spec_in_both_backends(name):
+    """Each built-in method's state holds the fields of its specification, initialised by
+    ``spec.init``, in both backends (cpu_ver: NamedTuple fields in that order; gpu_ver:
+    shared-variable keys, none for an empty field), beside each backend's own caches;
+    t1t2 and combined hold the regulariser's fields (REG_STATE, r_ keys in gpu_ver)."""
+    spec = method_spec(name)
+    layout = M.MLP((5, 4, 3), "tanh").layout
+    w0 = np.linspace(-1.0, 1.0, layout.size)
+    cs, gs = cpu.make_method(name, layout).init(w0), gpu.make_method(name, layout).init(w0)
+    caches = {"cpu": {"h_prev", "clip", "l2"}, "gpu": {"hg", "l2"}}
+    if spec.init is None:                                        # t1t2, combined
+        reg = cs.reg if name == "combined" else cs
+        assert tuple(f for f in reg._fields if f != "l2") == REG_STATE
+        assert [k for k in gs if k.startswith("r_")] == [f"r_{f}" for f in REG_STATE]
+        return
+    opts = {**spec.defaults}
+    n = cpu.make_grouping(layout, opts[spec.grouping]).n if spec.grouping else layout.size
+    ref = spec.init(opts, n, w0)
+    assert cs._fields[:len(spec.state)] == spec.state == tuple(ref)
+    assert set(cs._fields[len(spec.state):]) <= caches["cpu"]
+    used = [k for k in spec.state if np.size(ref[k])]
+    assert [k for k in gs if k in spec.state] == used and set(gs) - set(used) <= caches["gpu"]
+    for k in spec.state:
+        np.testing.assert_array_equal(getattr(cs, k), ref[k])
+        if k in used:
+            np.testing.assert_array_equal(gs[k], ref[k])
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda r, L: r.BUILDERS["idbd"](L, theta=-1.0), "meta step size theta"),
+    (lambda r, L: r.BUILDERS["sgd"](L, optimizer="rmsprop"), "optimizer must be one of"),
+    (lambda r, L: r.BUILDERS["t1t2"](L, every=0), "hyper-step interval"),
+    (lambda r, L: r.BUILDERS["combined"](L, meta_opt="lbfgs"), "T1-T2 meta optimiser"),
+])
+def test_builders_called_directly_check_their_options_by_the_spec(call, match):
+    layout = M.MLP((5, 4, 3), "tanh").layout
+    for rules in (cpu_rules, gpu_rules):
+        with pytest.raises(ConfigError, match=match):
+            call(rules, layout)

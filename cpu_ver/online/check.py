@@ -26,7 +26,7 @@ from shared.online import (CHECK_CONFIGS, CHECK_WARMUP, TRACE_HORIZON, CheckProb
 def _lr_view(method: Method, state):
     """(free hyperparameter used by the last step, map free -> per-group learning rate, grouping)."""
     name, cfg = method.name, method.config
-    if method.spec is not None:                       # built by rules.from_spec
+    if method.spec is not None and method.spec.lr_view is not None:      # built by rules.from_spec
         field, space = method.spec.lr_view
         kind = cfg[method.spec.grouping] if method.spec.grouping else "param"
         return getattr(state, field), (np.exp if space == "log" else (lambda h: h)), kind

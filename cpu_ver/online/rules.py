@@ -8,9 +8,12 @@ Every method is a pair of pure functions, as in optax::
     w, state = method.update(GradInfo(g=grad_w L(w_t, l2(state); batch_t)), state, w)
 
 ``state`` is a NamedTuple of arrays (never mutated; ``update`` returns a new
-one), ``GradInfo`` carries the training gradient at ``w_t`` and, when a
-method needs them, a Hessian-vector-product closure at ``w_t`` on the same
-batch and a validation-gradient closure. ``run.step(method, model, w, state,
+one) whose fields, and their numpy init, are the method's specification's
+(``shared.online_spec``: ``spec.state``, ``spec.init``; gpu_ver holds the same
+fields as shared variables); this module supplies the updates. ``GradInfo``
+carries the training gradient at ``w_t`` and, when a method needs them, a
+Hessian-vector-product closure at ``w_t`` on the same batch and a
+validation-gradient closure. ``run.step(method, model, w, state,
 batch, val_batch)`` builds the ``GradInfo`` with the autograd MLP and calls
 ``update``; the gradient is ``model.grad`` for every method, the plain
 optimiser included, so overheads compare like with like.
@@ -88,7 +91,7 @@ Regularisation from held-out data
 Safeguards: positive learning rates (log space, multiplicative guards, or
 projection with a warning); elementwise hypergradient clipping (``clip``);
 a NaN or infinity in a hypergradient, a hyperparameter or the weights raises
-``NonFiniteError`` naming the step; bad options raise ``ConfigError`` (``make_method``
+``NonFiniteError`` naming the step; bad options raise ``ConfigError`` (every builder
 checks them against ``shared.online_spec``, the table gpu_ver reads too).
 
 Groups are ``cpu_ver.online.grouping``; ``cpu_ver.online.run`` takes a step with the
@@ -103,16 +106,12 @@ import numpy as np
 
 from cpu_ver import online_kernels as _kernels
 from cpu_ver.online.grouping import Grouping, expand, make_grouping, reduce, reduce_dot
-from shared.coverage import check_coverage
 from shared.coverage import mask as coverage_mask
 from shared.errors import ConfigError, check_finite
 from shared.layout import ParamLayout
-from shared.online_spec import PLAIN_NAMES, MethodSpec, method_spec, resolve_options
-from shared.online_spec import check_clip as _check_clip
-from shared.online_spec import check_decay as _check_decay
+from shared.online_spec import PLAIN_NAMES, REG_STATE, SPECS, MethodSpec, checked, method_spec, reg_init
 from shared.online_spec import check_l2 as _check_l2
-from shared.online_spec import check_meta_step as _check_meta_step
-from shared.online_spec import check_positive as _check_positive
+from shared.online_spec import resolve_options
 
 
 class GradInfo(NamedTuple):
@@ -145,7 +144,7 @@ class Method(NamedTuple):
     l2_of: Callable
     needs_hvp: bool = False
     needs_val: bool = False
-    spec: Optional[MethodSpec] = None      # set for a method built by ``from_spec``
+    spec: Optional[MethodSpec] = None      # its specification (shared.online_spec)
 
 
 # ---------------------------------------------------------------------------
@@ -153,6 +152,21 @@ class Method(NamedTuple):
 
 def _clip(h, c):
     return h if c is None else np.clip(h, -c, c)
+
+
+def state_type(name, fields):
+    """A NamedTuple class of the state ``fields`` (``spec.state`` and any cache of this backend)."""
+    return NamedTuple(name, [(f, object) for f in fields])
+
+
+def spec_init(spec: MethodSpec, opts: dict, layout: ParamLayout, State, **extra) -> Callable:
+    """``init(w0) -> State`` from ``spec.init`` (groups of the option ``spec.grouping``, one
+    per parameter without one); ``extra``: field -> f(w0) for this backend's caches."""
+    n = make_grouping(layout, opts[spec.grouping]).n if spec.grouping else layout.size
+
+    def init(w0):
+        return State(**spec.init(opts, n, w0), **{k: f(w0) for k, f in extra.items()})
+    return init
 
 
 def check_finite_sum(what, x, step):
@@ -182,45 +196,27 @@ def _direction(opt, g, t, m, v, mu, b1, b2, eps):
 # ---------------------------------------------------------------------------
 # Plain optimisers (the baselines)
 
-class PlainState(NamedTuple):
-    t: int
-    m: np.ndarray
-    v: np.ndarray
+PlainState = state_type("PlainState", SPECS["sgd"].state)
 
 
 def plain(layout, optimizer="sgd", lr=1e-3, l2=0.0, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8) -> Method:
     """Plain SGD / Nesterov SGD / Adam with a fixed learning rate: w_{t+1} = w_t - lr u_t."""
-    if optimizer not in PLAIN_NAMES:
-        raise ConfigError(f"optimizer must be one of {', '.join(PLAIN_NAMES)}, got {optimizer!r}")
-    lr = float(_check_positive("learning rate", lr))
-    l2 = _check_l2(l2, layout.size)
+    spec, o = checked(locals(), *PLAIN_NAMES)
+    lr, l2 = o["lr"], o["l2"]
     cfg = dict(optimizer=optimizer, lr=lr, momentum=momentum, b1=b1, b2=b2, eps=eps)
-
-    def init(w0):
-        z = np.zeros_like(w0) if optimizer != "sgd" else np.zeros(0)
-        return PlainState(0, z, np.zeros_like(w0) if optimizer == "adam" else np.zeros(0))
 
     def update(info, state, w):
         u, m, v = _direction(optimizer, info.g, state.t, state.m, state.v, momentum, b1, b2, eps)
-        return w - lr * u, PlainState(state.t + 1, m, v)
+        return w - lr * u, PlainState(t=state.t + 1, m=m, v=v)
 
-    return Method(optimizer, cfg, init, update, lambda s: l2, lambda s: lr, lambda s: l2)
+    return Method(optimizer, cfg, spec_init(spec, o, layout, PlainState), update, lambda s: l2, lambda s: lr,
+                  lambda s: l2, spec=spec)
 
 
 # ---------------------------------------------------------------------------
 # Hypergradient descent: SGD-HD, SGDN-HD, Adam-HD
 
-class HDState(NamedTuple):
-    """t: step; hyper: per-group alpha (additive) or log alpha (log space);
-    u: last applied direction u_{t-1}; m, v: momentum / Adam moments;
-    hg: last hypergradient wrt ``hyper``; n_projected: projections that bit."""
-    t: int
-    hyper: np.ndarray
-    u: np.ndarray
-    m: np.ndarray
-    v: np.ndarray
-    hg: np.ndarray
-    n_projected: int
+HDState = state_type("HDState", SPECS["hd"].state)     # fields: shared.online_spec.HD_STATE
 
 
 def hypergradient_descent(layout, optimizer="sgd", lr=1e-3, beta=1e-3, granularity="global",
@@ -228,27 +224,12 @@ def hypergradient_descent(layout, optimizer="sgd", lr=1e-3, beta=1e-3, granulari
                           clip=None, lr_min=1e-12) -> Method:
     """SGD-HD / SGDN-HD / Adam-HD (Baydin et al. 2018) with global, per-block, per-unit
     or per-parameter rates, additive or in log space (see the module docstring)."""
-    if optimizer not in PLAIN_NAMES:
-        raise ConfigError(f"optimizer must be one of {', '.join(PLAIN_NAMES)}, got {optimizer!r}")
-    lr = _check_positive("initial learning rate", lr)
-    beta = _check_meta_step("beta", beta)
-    clip = _check_clip(clip)
-    if not (0.0 <= momentum < 1.0):
-        raise ConfigError(f"momentum must be in [0, 1), got {momentum!r}")
+    spec, o = checked(locals(), "hd", "sgdn-hd", "adam-hd")
+    lr, beta, clip, l2 = o["lr"], o["beta"], o["clip"], o["l2"]
     gr = make_grouping(layout, granularity)
-    l2 = _check_l2(l2, layout.size)
-    name = {"sgd": "hd", "sgdn": "sgdn-hd", "adam": "adam-hd"}[optimizer]
+    name = spec.name
     cfg = dict(optimizer=optimizer, lr=lr, beta=beta, granularity=gr.kind, log_space=bool(log_space),
                momentum=momentum, b1=b1, b2=b2, eps=eps, clip=clip, lr_min=lr_min)
-
-    def init(w0):
-        h0 = np.full(gr.n, float(lr)) if np.ndim(lr) == 0 else np.asarray(lr, float).copy()
-        if h0.shape != (gr.n,):
-            raise ConfigError(f"initial learning rate: expected a number or {gr.n} values, got shape {h0.shape}")
-        z = np.zeros_like(w0)
-        return HDState(0, np.log(h0) if log_space else h0, z,
-                       z if optimizer != "sgd" else np.zeros(0),
-                       z if optimizer == "adam" else np.zeros(0), np.zeros(gr.n), 0)
 
     def update(info, state, w):
         g, t = info.g, state.t
@@ -272,38 +253,26 @@ def hypergradient_descent(layout, optimizer="sgd", lr=1e-3, beta=1e-3, granulari
             alpha = hyper
         u, m, v = _direction(optimizer, g, t, state.m, state.v, momentum, b1, b2, eps)
         w_new = w - expand(gr, alpha) * u
-        return w_new, HDState(t + 1, hyper, u, m, v, hg, n_proj)
+        return w_new, HDState(t=t + 1, hyper=hyper, u=u, m=m, v=v, hg=hg, n_projected=n_proj)
 
     def lr_of(state):
         return expand(gr, np.exp(state.hyper) if log_space else state.hyper)
 
-    m = Method(name, cfg, init, update, lambda s: l2, lr_of, lambda s: l2)
-    return m
+    return Method(name, cfg, spec_init(spec, o, layout, HDState), update, lambda s: l2, lr_of, lambda s: l2,
+                  spec=spec)
 
 
 # ---------------------------------------------------------------------------
 # Almeida et al. (1998)
 
-class AlmeidaState(NamedTuple):
-    t: int
-    hyper: np.ndarray   # per-parameter alpha
-    u: np.ndarray       # g_{t-1}
-    v: np.ndarray       # running average of g^2
-    hg: np.ndarray      # -g_t g_{t-1} = dL(w_t)/dalpha_{t-1}
+AlmeidaState = state_type("AlmeidaState", SPECS["almeida"].state)
 
 
 def almeida(layout, lr=1e-3, beta=1e-2, gamma=0.99, l2=0.0, clip=None) -> Method:
     """Per-parameter multiplicative rates (Almeida et al. 1998), normalised by a running g^2."""
-    lr = float(_check_positive("initial learning rate", lr))
-    beta = _check_meta_step("beta", beta)
-    gamma = _check_decay("gamma", gamma)
-    clip = _check_clip(clip)
-    l2 = _check_l2(l2, layout.size)
+    spec, o = checked(locals(), "almeida")
+    lr, beta, gamma, clip, l2 = o["lr"], o["beta"], o["gamma"], o["clip"], o["l2"]
     cfg = dict(lr=lr, beta=beta, gamma=gamma, clip=clip)
-
-    def init(w0):
-        z = np.zeros_like(w0)
-        return AlmeidaState(0, np.full(w0.shape, lr), z, z, z)
 
     def update(info, state, w):
         g, t = info.g, state.t
@@ -311,21 +280,19 @@ def almeida(layout, lr=1e-3, beta=1e-2, gamma=0.99, l2=0.0, clip=None) -> Method
         hg = _clip(-g * state.u, clip)
         check_finite_sum("learning-rate hypergradient", hg, t)
         alpha = state.hyper * np.maximum(0.5, 1.0 - beta * hg / (v + 1e-300))
-        return w - alpha * g, AlmeidaState(t + 1, alpha, g, v, hg)
+        return w - alpha * g, AlmeidaState(t=t + 1, hyper=alpha, u=g, v=v, hg=hg)
 
-    return Method("almeida", cfg, init, update, lambda s: l2, lambda s: s.hyper, lambda s: l2)
+    return Method("almeida", cfg, spec_init(spec, o, layout, AlmeidaState), update, lambda s: l2,
+                  lambda s: s.hyper, lambda s: l2, spec=spec)
 
 
 # ---------------------------------------------------------------------------
 # IDBD (Sutton 1992)
 
-class IDBDState(NamedTuple):
-    t: int
-    hyper: np.ndarray   # beta = log alpha, per parameter
-    h: np.ndarray       # trace ~ dw/dbeta
-    u: np.ndarray       # last applied direction (g)
-    h_prev: np.ndarray  # the trace the last update used
-    clip: float         # hypergradient clip (inf: none)
+class IDBDState(state_type("_IDBDFields", SPECS["idbd"].state + ("h_prev", "clip"))):
+    """The fields of ``shared.online_spec.IDBD_STATE`` and this backend's cache: h_prev,
+    the trace the last update used, and clip, the hypergradient clip (inf: none)."""
+    __slots__ = ()
 
     @property
     def hg(self):
@@ -337,20 +304,12 @@ class IDBDState(NamedTuple):
 def idbd(layout, lr=1e-3, theta=1e-2, trace_decay=1.0, curvature="diag", l2=0.0, clip=None) -> Method:
     """IDBD with per-parameter log step sizes (see the module docstring for the
     generalisation: ``curvature="diag"`` diagonal approximation, ``"hvp"`` exact)."""
-    lr = _check_positive("initial learning rate", lr)
-    theta = _check_meta_step("theta", theta)
-    decay = _check_decay("trace_decay", trace_decay)
-    clip = _check_clip(clip)
-    if curvature not in ("diag", "hvp"):
-        raise ConfigError(f"idbd curvature must be 'diag' or 'hvp', got {curvature!r}")
-    l2 = _check_l2(l2, layout.size)
+    spec, o = checked(locals(), "idbd")
+    lr, theta, decay, clip, l2 = o["lr"], o["theta"], o["trace_decay"], o["clip"], o["l2"]
     cfg = dict(lr=lr, theta=theta, trace_decay=decay, curvature=curvature, clip=clip)
 
     clip_value = np.inf if clip is None else clip
-
-    def init(w0):
-        z = np.zeros_like(w0)
-        return IDBDState(0, np.log(np.broadcast_to(np.asarray(lr, float), w0.shape)).copy(), z, z, z, clip_value)
+    init = spec_init(spec, o, layout, IDBDState, h_prev=np.zeros_like, clip=lambda w0: clip_value)
 
     def update(info, state, w):
         g, t, h = info.g, state.t, state.h
@@ -364,7 +323,7 @@ def idbd(layout, lr=1e-3, theta=1e-2, trace_decay=1.0, curvature="diag", l2=0.0,
                 bad = _kernels.idbd_diag_kernel(g, h, state.hyper, w, d, theta, decay, clip_value, w_new, b, h_new)
             if bad:
                 check_finite("IDBD hypergradient", _clip(g * h, clip), t)
-            return w_new, IDBDState(t + 1, b, h_new, g, h, clip_value)
+            return w_new, IDBDState(t=t + 1, hyper=b, h=h_new, u=g, h_prev=h, clip=clip_value)
         hg = _clip(g * h, clip)
         check_finite_sum("IDBD hypergradient", hg, t)
         b = np.multiply(hg, -theta)
@@ -376,35 +335,23 @@ def idbd(layout, lr=1e-3, theta=1e-2, trace_decay=1.0, curvature="diag", l2=0.0,
         if decay != 1.0:
             h_new *= decay
         h_new -= step
-        return w_new, IDBDState(t + 1, b, h_new, g, h, clip_value)
+        return w_new, IDBDState(t=t + 1, hyper=b, h=h_new, u=g, h_prev=h, clip=clip_value)
 
     return Method("idbd", cfg, init, update, lambda s: l2, lambda s: np.exp(s.hyper), lambda s: l2,
-                  needs_hvp=(curvature == "hvp" and decay > 0))
+                  needs_hvp=spec.needs_hvp(o), spec=spec)
 
 
 # ---------------------------------------------------------------------------
 # SMD (Schraudolph 1999, 2002)
 
-class SMDState(NamedTuple):
-    t: int
-    p: np.ndarray       # gains (per-parameter learning rates)
-    v: np.ndarray       # trace ~ dw/dlog p
-    u: np.ndarray       # last applied direction (g)
-    hg: np.ndarray      # last g * v = dL(w_t)/dlog p (one-step)
+SMDState = state_type("SMDState", SPECS["smd"].state)
 
 
 def smd(layout, lr=1e-3, mu=1e-2, lam=0.99, l2=0.0, clip=None) -> Method:
     """Stochastic meta-descent with its Hessian-vector-product trace (module docstring)."""
-    lr = _check_positive("initial learning rate", lr)
-    mu = _check_meta_step("mu", mu)
-    lam = _check_decay("lambda", lam)
-    clip = _check_clip(clip)
-    l2 = _check_l2(l2, layout.size)
+    spec, o = checked(locals(), "smd")
+    lr, mu, lam, clip, l2 = o["lr"], o["mu"], o["lam"], o["clip"], o["l2"]
     cfg = dict(lr=lr, mu=mu, lam=lam, clip=clip)
-
-    def init(w0):
-        z = np.zeros_like(w0)
-        return SMDState(0, np.broadcast_to(np.asarray(lr, float), w0.shape).copy(), z, z, z)
 
     def update(info, state, w):
         g, t, v = info.g, state.t, state.v
@@ -414,24 +361,18 @@ def smd(layout, lr=1e-3, mu=1e-2, lam=0.99, l2=0.0, clip=None) -> Method:
         step = p * g
         w_new = w - step
         v_new = lam * (v - p * info.hvp(v)) - step if lam > 0 else -step
-        return w_new, SMDState(t + 1, p, v_new, g, hg)
+        return w_new, SMDState(t=t + 1, p=p, v=v_new, u=g, hg=hg)
 
-    return Method("smd", cfg, init, update, lambda s: l2, lambda s: s.p, lambda s: l2, needs_hvp=lam > 0)
+    return Method("smd", cfg, spec_init(spec, o, layout, SMDState), update, lambda s: l2, lambda s: s.p,
+                  lambda s: l2, needs_hvp=spec.needs_hvp(o), spec=spec)
 
 
 # ---------------------------------------------------------------------------
 # T1-T2 (Luketina et al. 2016) and the combined method
 
-class T1T2State(NamedTuple):
-    """t: step; s: per-group log L2 strengths; l2: expand(exp(s)) (cached);
-    hg: last dC2/ds; m, v, k: Adam state of the meta optimiser (k meta steps)."""
-    t: int
-    s: np.ndarray
-    l2: np.ndarray
-    hg: np.ndarray
-    m: np.ndarray
-    v: np.ndarray
-    k: int
+# the regulariser's fields (shared.online_spec.REG_STATE) and this backend's cache, after s: l2 =
+# the per-parameter strengths m * expand(exp(s)) the training gradient uses
+T1T2State = state_type("T1T2State", REG_STATE[:2] + ("l2",) + REG_STATE[2:])
 
 
 class _T1T2Config(NamedTuple):
@@ -447,16 +388,10 @@ class _T1T2Config(NamedTuple):
     eps: float = 1e-8
 
 
-def _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on="all"):
-    meta_lr = _check_meta_step("meta_lr", meta_lr)
-    if not isinstance(every, (int, np.integer)) or every < 1:
-        raise ConfigError(f"hyper-step interval must be an integer >= 1, got {every!r}")
-    if at not in ("next", "current"):
-        raise ConfigError(f"T1-T2: 'at' must be 'next' (exact, w_t+1) or 'current' (w_t), got {at!r}")
-    if meta_opt not in ("adam", "sgd"):
-        raise ConfigError(f"T1-T2 meta optimiser must be 'adam' or 'sgd', got {meta_opt!r}")
-    return _T1T2Config(make_grouping(layout, l2_groups), meta_lr, int(every), at, _check_clip(clip), meta_opt,
-                       coverage_mask(layout, check_coverage(l2_on, "l2_on")))
+def _t1t2_config(layout, o):
+    """The regulariser's constants from the resolved options ``o`` of t1t2 or combined."""
+    return _T1T2Config(make_grouping(layout, o["l2_groups"]), o["meta_lr"], o["every"], o["at"], o["clip"],
+                       o["meta_opt"], coverage_mask(layout, o["l2_on"]))
 
 
 def _t1t2_l2(c: _T1T2Config, s) -> np.ndarray:
@@ -465,12 +400,9 @@ def _t1t2_l2(c: _T1T2Config, s) -> np.ndarray:
     return l2.copy() if c.mask is None else l2 * c.mask
 
 
-def _t1t2_init(c: _T1T2Config, l2_init):
-    l2_init = np.asarray(l2_init, float)
-    _check_positive("initial L2 strength (log space)", l2_init)
-    s = np.log(np.broadcast_to(l2_init, (c.gr.n,))).copy()
-    z = np.zeros(c.gr.n)
-    return T1T2State(0, s, _t1t2_l2(c, s), z, z, z, 0)
+def _t1t2_init(c: _T1T2Config, o):
+    r = reg_init(o, c.gr.n)
+    return T1T2State(**r, l2=_t1t2_l2(c, r["s"]))
 
 
 def _t1t2_hypergradient(c: _T1T2Config, st: T1T2State, w, w_new, eta, val_grad):
@@ -498,26 +430,27 @@ def _t1t2_after_step(c: _T1T2Config, st: T1T2State, w, w_new, eta, info) -> T1T2
         step = hg
     s = st.s - c.meta_lr * step
     check_finite_sum("log L2 strength", s, t)
-    return T1T2State(t + 1, s, _t1t2_l2(c, s), hg, m, v, k + 1)
+    return T1T2State(t=t + 1, s=s, l2=_t1t2_l2(c, s), hg=hg, m=m, v=v, k=k + 1)
 
 
 def t1t2(layout, lr=0.1, l2_init=1e-4, l2_groups="block", meta_lr=1e-2, every=1, at="next",
          clip=None, meta_opt="adam", l2_on="all") -> Method:
     """T1-T2: plain SGD on the training loss, per-group log L2 from the validation loss
     (on the parameters ``l2_on`` covers; the others keep L2 = 0)."""
-    lr = float(_check_positive("learning rate", lr))
-    c = _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on)
+    spec, o = checked(locals(), "t1t2")
+    lr, c = o["lr"], _t1t2_config(layout, o)
     cfg = dict(lr=lr, l2_init=np.asarray(l2_init).tolist(), l2_groups=c.gr.kind, meta_lr=c.meta_lr,
                every=c.every, at=at, clip=c.clip, meta_opt=meta_opt, l2_on=l2_on)
 
     def init(w0):
-        return _t1t2_init(c, l2_init)
+        return _t1t2_init(c, o)
 
     def update(info, state, w):
         w_new = w - lr * info.g
         return w_new, _t1t2_after_step(c, state, w, w_new, lr, info)
 
-    return Method("t1t2", cfg, init, update, lambda s: s.l2, lambda s: lr, lambda s: s.l2, needs_val=True)
+    return Method("t1t2", cfg, init, update, lambda s: s.l2, lambda s: lr, lambda s: s.l2, needs_val=True,
+                  spec=spec)
 
 
 class CombinedState(NamedTuple):
@@ -532,7 +465,8 @@ def combined(layout, lr=1e-2, beta=1e-2, lr_granularity="param", l2_init=1e-4, l
     Step t: g_t = grad C1(w_t, lambda_t); s_t = s_{t-1} - beta alpha_{t-1} (-g_t u_{t-1});
     w_{t+1} = w_t - alpha_t g_t; every ``every`` steps a T1-T2 step with eta = alpha_t.
     """
-    c = _t1t2_config(layout, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on)
+    spec, o = checked(locals(), "combined")
+    c = _t1t2_config(layout, o)
     hd = hypergradient_descent(layout, "sgd", lr, beta, lr_granularity, log_space=True, clip=clip)
     gr_lr = make_grouping(layout, lr_granularity)
     cfg = dict(lr=np.asarray(lr).tolist(), beta=beta, lr_granularity=gr_lr.kind, log_space=True,
@@ -540,7 +474,7 @@ def combined(layout, lr=1e-2, beta=1e-2, lr_granularity="param", l2_init=1e-4, l
                every=c.every, at=at, clip=c.clip, meta_opt=meta_opt, l2_on=l2_on)
 
     def init(w0):
-        return CombinedState(hd.init(w0), _t1t2_init(c, l2_init))
+        return CombinedState(hd.init(w0), _t1t2_init(c, o))
 
     def update(info, state, w):
         w_new, lr_state = hd.update(info, state.lr, w)
@@ -548,7 +482,7 @@ def combined(layout, lr=1e-2, beta=1e-2, lr_granularity="param", l2_init=1e-4, l
         return w_new, CombinedState(lr_state, _t1t2_after_step(c, state.reg, w, w_new, eta, info))
 
     return Method("combined", cfg, init, update, lambda s: s.reg.l2, lambda s: hd.lr_of(s.lr),
-                  lambda s: s.reg.l2, needs_val=True)
+                  lambda s: s.reg.l2, needs_val=True, spec=spec)
 
 
 # ---------------------------------------------------------------------------
@@ -562,9 +496,10 @@ def make_method(name, layout: ParamLayout, **kw) -> Method:
     """Build method ``name`` (``METHOD_NAMES``, a plain optimiser ``PLAIN_NAMES`` or an alias) for
     ``layout``. The options are checked first against the method's specification
     (``shared.online_spec``, the table gpu_ver reads too): an unknown option or a bad
-    value is a ConfigError naming it; then they go, as given, to the builder."""
+    value is a ConfigError naming it; the builder resolves them by the same specification
+    (``shared.online_spec.checked``), which also fills in and normalises them."""
     spec = method_spec(name)
-    resolve_options(spec, kw, layout.size)
+    resolve_options(spec, kw, layout.size)          # unknown options first (the builder checks the rest)
     return BUILDERS[spec.name](layout, **spec.fixed, **kw)
 
 
@@ -580,11 +515,9 @@ def from_spec(spec: MethodSpec, update: Callable, layout: ParamLayout, **kw) -> 
     opts = resolve_options(spec, kw, layout.size)
     gr = make_grouping(layout, opts[spec.grouping] if spec.grouping else "param")
     l2 = _check_l2(opts.get("l2", 0.0), layout.size)
-    State = NamedTuple(f"{spec.name.title().replace('-', '')}State", [(f, object) for f in spec.state])
+    State = state_type(f"{spec.name.title().replace('-', '')}State", spec.state)
     field, space = spec.lr_view
-
-    def init(w0):
-        return State(**spec.init(opts, gr.n, w0))
+    init = spec_init(spec, opts, layout, State)
 
     def step(info, state, w):
         w_new, fields = update(opts, gr, info, state, w)

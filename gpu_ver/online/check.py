@@ -71,7 +71,7 @@ def prepare(run: OnlineRun, p: CheckProblem) -> OnlineRun:
 
 def _lr_view(method: Method, a):
     """(free hyperparameter used by the last step, map free -> per-group rate, grouping)."""
-    if method.spec is not None:                       # built by rules.from_spec
+    if method.spec is not None and method.spec.lr_view is not None:      # built by rules.from_spec
         field, space = method.spec.lr_view
         return a[field], (np.exp if space == "log" else (lambda h: h)), method.gr
     if isinstance(method, Combined):

@@ -7,14 +7,19 @@ docstring for the equations and the papers): ``hd``, ``sgdn-hd``, ``adam-hd``
 ``"hvp"``), ``smd`` (Schraudolph 1999), ``t1t2`` (Luketina et al. 2016; per block,
 unit or parameter log L2 strengths, validation gradient at ``next`` or ``current``,
 every N steps), ``combined``, and the plain optimisers ``sgd``, ``sgdn``, ``adam``
-(the baselines). A method's ``build(ctx)`` writes step t symbolically: from the
-training gradient g_t (and H_t v, grad C2 when needed) to w_{t+1} and the new state.
+(the baselines). A method's state is the fields of its specification
+(``shared.online_spec``: ``spec.state``, initialised by the numpy ``spec.init``; cpu_ver
+holds the same fields in a NamedTuple), one shared variable per field, plus this
+backend's caches (``Method._cache``: the fixed L2 strengths ``l2``, IDBD's ``hg``);
+this module supplies the updates. A method's ``build(ctx)`` writes step t
+symbolically: from the training gradient g_t (and H_t v, grad C2 when needed) to
+w_{t+1} and the new state.
 
 Safeguards: positive learning rates (log space, the max(1/2, .) multiplicative
 guards, or projection onto ``lr_min`` with a warning and a counter), optional
 elementwise hypergradient clipping, monitors whose non-finiteness raises
 ``NonFiniteError`` naming the quantity and the step, ``ConfigError`` for bad
-options (negative meta step, trace decay outside [0, 1], ...; ``make_method`` checks
+options (negative meta step, trace decay outside [0, 1], ...; every builder checks
 them against ``shared.online_spec``, the table cpu_ver reads too).
 """
 from __future__ import annotations
@@ -26,16 +31,11 @@ import numpy as np
 
 from gpu_ver import config
 from gpu_ver.online.grouping import Grouping
-from shared.coverage import check_coverage
 from shared.coverage import mask as coverage_mask
 from shared.errors import ConfigError
 from shared.layout import ParamLayout
-from shared.online_spec import PLAIN_NAMES, MethodSpec, method_spec, resolve_options
-from shared.online_spec import check_clip as _check_clip
-from shared.online_spec import check_decay as _check_decay
+from shared.online_spec import PLAIN_NAMES, MethodSpec, checked, method_spec, reg_init, resolve_options
 from shared.online_spec import check_l2 as _check_l2
-from shared.online_spec import check_meta_step as _check_meta_step
-from shared.online_spec import check_positive as _check_positive
 
 theano = config.load()
 tt = theano.tensor
@@ -53,14 +53,7 @@ def _tiny() -> float:
 
 
 # ---------------------------------------------------------------------------
-# Option checks (as cpu_ver)
-
-def _check_moments(momentum, b1, b2, eps):
-    if not 0.0 <= momentum < 1.0:
-        raise ConfigError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0) or not eps > 0:
-        raise ConfigError(f"Adam needs b1, b2 in [0, 1) and eps > 0, got b1={b1!r}, b2={b2!r}, eps={eps!r}")
-
+# Small helpers
 
 def _clip(h, c):
     return h if c is None else tt.clip(h, -c, c)
@@ -110,7 +103,9 @@ class Method:
     """An online method on this backend.
 
     ``init(w0)`` -> ordered dict of initial state arrays (becoming shared
-    variables); ``build(ctx)`` -> (w_new, {state name: new value}, {monitor
+    variables): the fields of ``spec.init`` (``spec.state``; an empty array, a moment
+    the optimiser has no use for, gets no variable), then ``_cache(w0)``, what this
+    backend keeps beyond them; ``build(ctx)`` -> (w_new, {state name: new value}, {monitor
     name: scalar}) where every monitor is a sum whose non-finiteness raises
     NonFiniteError naming it; ``l2_expr(S)``: the symbolic L2 strengths of the
     training gradient; ``lr_of(arrays)`` / ``l2_of(arrays)``: per-parameter (or
@@ -120,14 +115,25 @@ class Method:
     name = "method"
     needs_val = False
     hvp_of: Optional[str] = None
-    trace: Optional[str] = None        # the trace reset by ``reset_trace``
-    spec: Optional[MethodSpec] = None  # set for a method built by ``from_spec``
+    gr: Optional[Grouping] = None      # the learning-rate groups of ``spec.grouping``
 
-    def __init__(self, layout: ParamLayout, config: dict):
+    def __init__(self, layout: ParamLayout, config: dict, spec: Optional[MethodSpec] = None, options=None):
         self.layout, self.config = layout, config
+        self.spec, self.options = spec, options     # its specification (shared.online_spec), resolved options
+
+    @property
+    def trace(self) -> Optional[str]:
+        """The trace reset by ``reset_trace`` (``spec.trace``)."""
+        return None if self.spec is None else self.spec.trace
 
     def init(self, w0) -> "OrderedDict":
-        raise NotImplementedError
+        n = self.gr.n if self.spec.grouping else self.layout.size
+        s = OrderedDict((k, v) for k, v in self.spec.init(self.options, n, w0).items() if np.size(v))
+        s.update(self._cache(w0))
+        return s
+
+    def _cache(self, w0) -> dict:
+        return {}
 
     def build(self, c: Ctx):
         raise NotImplementedError
@@ -156,8 +162,9 @@ class _FixedL2:
     def l2_expr(self, S):
         return S["l2"]
 
-    def _l2_state(self):
-        return np.ascontiguousarray(np.broadcast_to(np.asarray(self.l2, float), (self.layout.size,)))
+    def _cache(self, w0):
+        """The fixed L2 strengths, per parameter: a shared variable the compiled step reads."""
+        return {"l2": np.ascontiguousarray(np.broadcast_to(np.asarray(self.l2, float), (self.layout.size,)))}
 
     def l2_of(self, a):
         return a["l2"]
@@ -167,23 +174,12 @@ class Plain(_FixedL2, Method):
     """Plain SGD / Nesterov SGD / Adam with a fixed learning rate (the baselines)."""
 
     def __init__(self, layout, optimizer="sgd", lr=1e-3, l2=0.0, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8):
-        if optimizer not in PLAIN_NAMES:
-            raise ConfigError(f"optimizer must be one of {', '.join(PLAIN_NAMES)}, got {optimizer!r}")
-        lr = float(_check_positive("learning rate", lr))
-        _check_moments(momentum, b1, b2, eps)
-        super().__init__(layout, dict(optimizer=optimizer, lr=lr, momentum=momentum, b1=b1, b2=b2, eps=eps))
+        spec, o = checked(locals(), *PLAIN_NAMES)
+        lr = o["lr"]
+        super().__init__(layout, dict(optimizer=optimizer, lr=lr, momentum=momentum, b1=b1, b2=b2, eps=eps), spec, o)
         self.name, self.opt, self.lr = optimizer, optimizer, lr
         self.mu, self.b1, self.b2, self.eps = momentum, b1, b2, eps
-        self._set_l2(l2)
-
-    def init(self, w0):
-        z = np.zeros_like(w0)
-        s = OrderedDict(t=np.int64(0), l2=self._l2_state())
-        if self.opt != "sgd":
-            s["m"] = z.copy()
-        if self.opt == "adam":
-            s["v"] = z.copy()
-        return s
+        self._set_l2(o["l2"])
 
     def build(self, c):
         S = c.S
@@ -205,36 +201,15 @@ class HD(_FixedL2, Method):
 
     def __init__(self, layout, optimizer="sgd", lr=1e-3, beta=1e-3, granularity="global", log_space=False,
                  l2=0.0, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8, clip=None, lr_min=1e-12):
-        if optimizer not in PLAIN_NAMES:
-            raise ConfigError(f"optimizer must be one of {', '.join(PLAIN_NAMES)}, got {optimizer!r}")
-        lr = _check_positive("initial learning rate", lr)
-        beta = _check_meta_step("beta", beta)
-        clip = _check_clip(clip)
-        _check_moments(momentum, b1, b2, eps)
-        if not (np.isfinite(lr_min) and lr_min > 0):
-            raise ConfigError(f"lr_min must be finite and > 0, got {lr_min!r}")
+        spec, o = checked(locals(), "hd", "sgdn-hd", "adam-hd")
+        beta, clip = o["beta"], o["clip"]
         self.gr = Grouping(layout, granularity)
-        name = {"sgd": "hd", "sgdn": "sgdn-hd", "adam": "adam-hd"}[optimizer]
         super().__init__(layout, dict(optimizer=optimizer, lr=np.asarray(lr).tolist(), beta=beta,
                                       granularity=self.gr.kind, log_space=bool(log_space), momentum=momentum,
-                                      b1=b1, b2=b2, eps=eps, clip=clip, lr_min=lr_min))
-        self.name, self.opt, self.lr0, self.beta, self.log_space = name, optimizer, lr, beta, bool(log_space)
+                                      b1=b1, b2=b2, eps=eps, clip=clip, lr_min=lr_min), spec, o)
+        self.name, self.opt, self.beta, self.log_space = spec.name, optimizer, beta, bool(log_space)
         self.mu, self.b1, self.b2, self.eps, self.clip, self.lr_min = momentum, b1, b2, eps, clip, float(lr_min)
-        self._set_l2(l2)
-
-    def init(self, w0):
-        gr = self.gr
-        h0 = np.full(gr.n, float(self.lr0)) if np.ndim(self.lr0) == 0 else np.asarray(self.lr0, float).copy()
-        if h0.shape != (gr.n,):
-            raise ConfigError(f"initial learning rate: expected a number or {gr.n} values, got shape {h0.shape}")
-        z = np.zeros_like(w0)
-        s = OrderedDict(t=np.int64(0), hyper=np.log(h0) if self.log_space else h0, u=z.copy(),
-                        hg=np.zeros(gr.n), n_projected=np.int64(0), l2=self._l2_state())
-        if self.opt != "sgd":
-            s["m"] = z.copy()
-        if self.opt == "adam":
-            s["v"] = z.copy()
-        return s
+        self._set_l2(o["l2"])
 
     def lr_update(self, c: Ctx, S):
         """(new hyper, alpha per group, hg, n_projected) of step t (shared with ``combined``)."""
@@ -277,18 +252,11 @@ class Almeida(_FixedL2, Method):
     name = "almeida"
 
     def __init__(self, layout, lr=1e-3, beta=1e-2, gamma=0.99, l2=0.0, clip=None):
-        lr = float(_check_positive("initial learning rate", lr))
-        beta = _check_meta_step("beta", beta)
-        gamma = _check_decay("gamma", gamma)
-        clip = _check_clip(clip)
-        super().__init__(layout, dict(lr=lr, beta=beta, gamma=gamma, clip=clip))
+        spec, o = checked(locals(), "almeida")
+        lr, beta, gamma, clip = o["lr"], o["beta"], o["gamma"], o["clip"]
+        super().__init__(layout, dict(lr=lr, beta=beta, gamma=gamma, clip=clip), spec, o)
         self.lr, self.beta, self.gamma, self.clip = lr, beta, gamma, clip
-        self._set_l2(l2)
-
-    def init(self, w0):
-        z = np.zeros_like(w0)
-        return OrderedDict(t=np.int64(0), hyper=np.full(w0.shape, self.lr), u=z.copy(), v=z.copy(), hg=z.copy(),
-                           l2=self._l2_state())
+        self._set_l2(o["l2"])
 
     def build(self, c):
         S, g = c.S, c.g
@@ -305,25 +273,19 @@ class Almeida(_FixedL2, Method):
 class IDBD(_FixedL2, Method):
     """IDBD (Sutton 1992) with per-parameter log step sizes; ``curvature`` diag or hvp (cpu_ver)."""
     name = "idbd"
-    trace = "h"
 
     def __init__(self, layout, lr=1e-3, theta=1e-2, trace_decay=1.0, curvature="diag", l2=0.0, clip=None):
-        lr = _check_positive("initial learning rate", lr)
-        theta = _check_meta_step("theta", theta)
-        decay = _check_decay("trace_decay", trace_decay)
-        clip = _check_clip(clip)
-        if curvature not in ("diag", "hvp"):
-            raise ConfigError(f"idbd curvature must be 'diag' or 'hvp', got {curvature!r}")
+        spec, o = checked(locals(), "idbd")
+        lr, theta, decay, clip = o["lr"], o["theta"], o["trace_decay"], o["clip"]
         super().__init__(layout, dict(lr=np.asarray(lr).tolist(), theta=theta, trace_decay=decay,
-                                      curvature=curvature, clip=clip))
+                                      curvature=curvature, clip=clip), spec, o)
         self.lr, self.theta, self.decay, self.curvature, self.clip = lr, theta, decay, curvature, clip
-        self.hvp_of = "h" if (curvature == "hvp" and decay > 0) else None
-        self._set_l2(l2)
+        self.hvp_of = spec.trace if spec.needs_hvp(o) else None
+        self._set_l2(o["l2"])
 
-    def init(self, w0):
-        z = np.zeros_like(w0)
-        return OrderedDict(t=np.int64(0), hyper=np.log(np.broadcast_to(np.asarray(self.lr, float), w0.shape)).copy(),
-                           h=z.copy(), u=z.copy(), hg=z.copy(), l2=self._l2_state())
+    def _cache(self, w0):
+        """The last hypergradient clip(g h) (cpu_ver forms it on demand), then the fixed L2."""
+        return {"hg": np.zeros_like(w0), **super()._cache(w0)}
 
     def build(self, c):
         S, g, h = c.S, c.g, c.S["h"]
@@ -345,22 +307,14 @@ class IDBD(_FixedL2, Method):
 class SMD(_FixedL2, Method):
     """Stochastic meta-descent (Schraudolph 1999, 2002) with its Hessian-vector-product trace."""
     name = "smd"
-    trace = "v"
 
     def __init__(self, layout, lr=1e-3, mu=1e-2, lam=0.99, l2=0.0, clip=None):
-        lr = _check_positive("initial learning rate", lr)
-        mu = _check_meta_step("mu", mu)
-        lam = _check_decay("lambda", lam)
-        clip = _check_clip(clip)
-        super().__init__(layout, dict(lr=np.asarray(lr).tolist(), mu=mu, lam=lam, clip=clip))
+        spec, o = checked(locals(), "smd")
+        lr, mu, lam, clip = o["lr"], o["mu"], o["lam"], o["clip"]
+        super().__init__(layout, dict(lr=np.asarray(lr).tolist(), mu=mu, lam=lam, clip=clip), spec, o)
         self.lr, self.mu, self.lam, self.clip = lr, mu, lam, clip
-        self.hvp_of = "v" if lam > 0 else None
-        self._set_l2(l2)
-
-    def init(self, w0):
-        z = np.zeros_like(w0)
-        return OrderedDict(t=np.int64(0), p=np.broadcast_to(np.asarray(self.lr, float), w0.shape).copy(),
-                           v=z.copy(), u=z.copy(), hg=z.copy(), l2=self._l2_state())
+        self.hvp_of = spec.trace if spec.needs_hvp(o) else None
+        self._set_l2(o["l2"])
 
     def build(self, c):
         S, g, v = c.S, c.g, c.S["v"]
@@ -376,30 +330,18 @@ class SMD(_FixedL2, Method):
 
 
 class _Reg:
-    """T1-T2 regulariser part (shared by ``t1t2`` and ``combined``); state keys prefixed ``r_``."""
+    """T1-T2 regulariser part (shared by ``t1t2`` and ``combined``), from their resolved options
+    ``o``; its state is ``shared.online_spec.REG_STATE`` (``reg_init``), keys prefixed ``r_``."""
 
-    def __init__(self, layout, l2_init, l2_groups, meta_lr, every, at, clip, meta_opt, b1=0.9, b2=0.999, eps=1e-8,
-                 l2_on="all"):
-        self.meta_lr = _check_meta_step("meta_lr", meta_lr)
-        self.l2_on = check_coverage(l2_on, "l2_on")
-        self.mask = coverage_mask(layout, l2_on)      # None: every parameter (shared.coverage)
-        if not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1:
-            raise ConfigError(f"hyper-step interval must be an integer >= 1, got {every!r}")
-        if at not in ("next", "current"):
-            raise ConfigError(f"T1-T2: 'at' must be 'next' (exact, w_t+1) or 'current' (w_t), got {at!r}")
-        if meta_opt not in ("adam", "sgd"):
-            raise ConfigError(f"T1-T2 meta optimiser must be 'adam' or 'sgd', got {meta_opt!r}")
-        self.gr = Grouping(layout, l2_groups)
-        self.every, self.at, self.clip, self.meta_opt = int(every), at, _check_clip(clip), meta_opt
+    def __init__(self, layout, o, b1=0.9, b2=0.999, eps=1e-8):
+        self.o, self.meta_lr = o, o["meta_lr"]
+        self.mask = coverage_mask(layout, o["l2_on"])      # None: every parameter (shared.coverage)
+        self.gr = Grouping(layout, o["l2_groups"])
+        self.every, self.at, self.clip, self.meta_opt = o["every"], o["at"], o["clip"], o["meta_opt"]
         self.b1, self.b2, self.eps = b1, b2, eps
-        l2_init = np.asarray(l2_init, float)
-        _check_positive("initial L2 strength (log space)", l2_init)
-        self.l2_init = l2_init
 
     def init(self):
-        s = np.log(np.broadcast_to(self.l2_init, (self.gr.n,))).copy()
-        z = np.zeros(self.gr.n)
-        return OrderedDict(r_t=np.int64(0), r_s=s, r_hg=z.copy(), r_m=z.copy(), r_v=z.copy(), r_k=np.int64(0))
+        return OrderedDict((f"r_{k}", v) for k, v in reg_init(self.o, self.gr.n).items())
 
     def _masked(self, x):
         return x if self.mask is None else x * tt.constant(np.asarray(self.mask, floatx()))
@@ -447,11 +389,11 @@ class T1T2(Method):
 
     def __init__(self, layout, lr=0.1, l2_init=1e-4, l2_groups="block", meta_lr=1e-2, every=1, at="next",
                  clip=None, meta_opt="adam", l2_on="all"):
-        lr = float(_check_positive("learning rate", lr))
-        self.reg = _Reg(layout, l2_init, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on=l2_on)
+        spec, o = checked(locals(), "t1t2")
+        lr, self.reg = o["lr"], _Reg(layout, o)
         super().__init__(layout, dict(lr=lr, l2_init=np.asarray(l2_init).tolist(), l2_groups=self.reg.gr.kind,
                                       meta_lr=self.reg.meta_lr, every=self.reg.every, at=at, clip=self.reg.clip,
-                                      meta_opt=meta_opt, l2_on=l2_on))
+                                      meta_opt=meta_opt, l2_on=l2_on), spec, o)
         self.lr = lr
 
     def init(self, w0):
@@ -482,13 +424,14 @@ class Combined(Method):
 
     def __init__(self, layout, lr=1e-2, beta=1e-2, lr_granularity="param", l2_init=1e-4, l2_groups="param",
                  meta_lr=1e-2, every=1, at="next", clip=None, meta_opt="adam", l2_on="all"):
-        self.reg = _Reg(layout, l2_init, l2_groups, meta_lr, every, at, clip, meta_opt, l2_on=l2_on)
+        spec, o = checked(locals(), "combined")
+        self.reg = _Reg(layout, o)
         self.hd = HD(layout, "sgd", lr, beta, lr_granularity, log_space=True, clip=clip)
         super().__init__(layout, dict(lr=np.asarray(lr).tolist(), beta=self.hd.beta,
                                       lr_granularity=self.hd.gr.kind, log_space=True,
                                       l2_init=np.asarray(l2_init).tolist(), l2_groups=self.reg.gr.kind,
                                       meta_lr=self.reg.meta_lr, every=self.reg.every, at=at, clip=self.reg.clip,
-                                      meta_opt=meta_opt, l2_on=l2_on))
+                                      meta_opt=meta_opt, l2_on=l2_on), spec, o)
 
     def init(self, w0):
         s = self.hd.init(w0)
@@ -525,9 +468,10 @@ def make_method(name, layout: ParamLayout, **kw) -> Method:
     """Build method ``name`` (``METHOD_NAMES``, a plain optimiser ``PLAIN_NAMES`` or an alias) for
     ``layout``. The options are checked first against the method's specification
     (``shared.online_spec``, the table cpu_ver reads too): an unknown option or a bad
-    value is a ConfigError naming it; then they go, as given, to the builder."""
+    value is a ConfigError naming it; the builder resolves them by the same specification
+    (``shared.online_spec.checked``), which also fills in and normalises them."""
     spec = method_spec(name)
-    resolve_options(spec, kw, layout.size)
+    resolve_options(spec, kw, layout.size)          # unknown options first (the builder checks the rest)
     return BUILDERS[spec.name](layout, **spec.fixed, **kw)
 
 
@@ -537,15 +481,10 @@ class SpecMethod(_FixedL2, Method):
 
     def __init__(self, spec: MethodSpec, update: Callable, layout: ParamLayout, **kw):
         opts = resolve_options(spec, kw, layout.size)
-        super().__init__(layout, opts)
-        self.spec, self.name, self.update, self.needs_val = spec, spec.name, update, spec.needs_val
+        super().__init__(layout, opts, spec, opts)
+        self.name, self.update, self.needs_val = spec.name, update, spec.needs_val
         self.gr = Grouping(layout, opts[spec.grouping] if spec.grouping else "param")
         self._set_l2(opts.get("l2", 0.0))
-
-    def init(self, w0):
-        s = OrderedDict((k, np.asarray(v)) for k, v in self.spec.init(self.config, self.gr.n, w0).items())
-        s["l2"] = self._l2_state()
-        return s
 
     def build(self, c):
         return self.update(self.config, self.gr, c)
