@@ -16,6 +16,18 @@ subnormal range and up to the largest double are formed without overflow of
 the scale. Within 1 ulp of the correctly rounded e^x over [-745, 709]
 (tests/test_online_kernels.py). Beyond: +inf above log(DBL_MAX), 0 below
 log(smallest subnormal / 2), NaN stays NaN.
+
+No fast-math flags, not even ``contract``: every multiply-add that is meant to be
+fused is an explicit ``_fma`` (one rounding, on any path), and everything else is
+IEEE arithmetic that LLVM may only rewrite into bit-identical code. With
+``contract`` the compiler was free to fuse or not, and its choice differed between
+two compilations of the same loop: a cached kernel that calls another jitted
+function carries its own copy of it, optimised again inside the kernel's module,
+where the product a g came out shared by w' and h' and w - a g was rounded twice;
+a fresh process runs the callee's own first compilation instead (the JIT binds the
+call to the symbol already loaded), a process that loads the kernel from numba's
+disk cache runs that copy. So the same seeded run gave other last bits with a warm
+cache (tests/test_online_kernels.py runs both and compares the bytes).
 """
 from __future__ import annotations
 
@@ -56,28 +68,43 @@ def _bits_to_double(typingctx, bits):
     return sig, codegen
 
 
-@numba.njit(inline="always", nogil=True, fastmath={"contract"})
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a b + c with one rounding (``llvm.fma``; a single instruction where the CPU has FMA,
+    which numba's cache key includes). Explicit rather than left to ``contract``, so that
+    whether a multiply-add is fused does not depend on how LLVM optimised the loop."""
+    sig = types.float64(types.float64, types.float64, types.float64)
+
+    def codegen(context, builder, signature, args):
+        f64 = ir.DoubleType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f64], ir.FunctionType(f64, [f64, f64, f64]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@numba.njit(inline="always", nogil=True)
 def vexp(x):
     """e^x to within 1 ulp, branch-free so that loops calling it vectorise."""
     xc = x if x > -746.0 else -746.0          # also maps NaN to a finite value (fixed below)
     xc = xc if xc < 710.0 else 710.0
-    t = xc * _INV_LN2 + _SHIFTER              # round to nearest: k sits in t's low bits
+    t = _fma(xc, _INV_LN2, _SHIFTER)          # round to nearest: k sits in t's low bits
     kf = t - _SHIFTER
-    r = (xc - kf * _LN2_HI) - kf * _LN2_LO
+    r = _fma(-kf, _LN2_LO, _fma(-kf, _LN2_HI, xc))   # the inner product is exact
     p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
+    p = _fma(p, r, 1.0 / 479001600.0)
+    p = _fma(p, r, 1.0 / 39916800.0)
+    p = _fma(p, r, 1.0 / 3628800.0)
+    p = _fma(p, r, 1.0 / 362880.0)
+    p = _fma(p, r, 1.0 / 40320.0)
+    p = _fma(p, r, 1.0 / 5040.0)
+    p = _fma(p, r, 1.0 / 720.0)
+    p = _fma(p, r, 1.0 / 120.0)
+    p = _fma(p, r, 1.0 / 24.0)
+    p = _fma(p, r, 1.0 / 6.0)
+    p = _fma(p, r, 0.5)
+    p = _fma(p, r, 1.0)
+    p = _fma(p, r, 1.0)
     t1 = kf * 0.5 + _SHIFTER                 # k = k1 + k2, both halves in the normal range
     k1f = t1 - _SHIFTER
     t2 = (kf - k1f) + _SHIFTER
@@ -89,7 +116,7 @@ def vexp(x):
     return y if x == x else x
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+@numba.njit(cache=True, nogil=True)
 def exp_array(x, out):
     """out <- e^x elementwise (float64 arrays of one shape, C order); returns out."""
     xf = x.reshape(-1)
@@ -123,9 +150,14 @@ def _make_idbd_pass(with_d):
     """The kernels' loop over flat arrays: one vectorised pass, every array streamed
     once and e^x computed while the next elements load; returns the number of
     non-finite g h. ``with_d`` (a constant of the compiled loop) adds the trace's
-    curvature factor max(0, 1 - a d)."""
+    curvature factor max(0, 1 - a d).
 
-    @numba.njit(nogil=True, fastmath={"contract"})
+    The cached kernels below call this loop, so a process runs either this function's
+    own compilation (the kernel compiled here) or the kernel's copy of it (the kernel
+    loaded from the cache); the two are optimised separately and give the same bits
+    only because no fast-math flag leaves the rounding to the optimiser."""
+
+    @numba.njit(nogil=True)
     def idbd_pass(g, h, b, w, d, theta, decay, clip, w_new, b_new, h_new):
         bad = 0
         for i in range(g.shape[0]):
@@ -134,11 +166,11 @@ def _make_idbd_pass(with_d):
             bi = b[i] - theta * x
             b_new[i] = bi
             a = vexp(bi)
-            w_new[i] = w[i] - a * g[i]
+            w_new[i] = _fma(-a, g[i], w[i])
             hv = decay * h[i]
             if with_d:
-                hv *= max(0.0, 1.0 - a * d[i])
-            h_new[i] = hv - a * g[i]
+                hv *= max(0.0, _fma(-a, d[i], 1.0))
+            h_new[i] = _fma(-a, g[i], hv)
         return bad
 
     return idbd_pass
@@ -148,7 +180,7 @@ _idbd_pass = _make_idbd_pass(False)
 _idbd_diag_pass = _make_idbd_pass(True)
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+@numba.njit(cache=True, nogil=True)
 def idbd_kernel(g, h, b, w, theta, decay, clip, w_new, b_new, h_new):
     """One IDBD step (``cpu_ver.online.rules.idbd``, diagonal curvature, d = 0):
 
@@ -166,7 +198,7 @@ def idbd_kernel(g, h, b, w, theta, decay, clip, w_new, b_new, h_new):
     return _idbd_pass(g, h, b, w, g, theta, decay, clip, w_new, b_new, h_new)
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+@numba.njit(cache=True, nogil=True)
 def idbd_diag_kernel(g, h, b, w, d, theta, decay, clip, w_new, b_new, h_new):
     """``idbd_kernel`` with a known Hessian diagonal d (Sutton's linear unit: d = x^2):
     h' = decay h max(0, 1 - a d) - a g."""

@@ -97,3 +97,57 @@ def test_idbd_pass_is_vectorised():
     llvm_ir = K._idbd_pass.inspect_llvm(K._idbd_pass.signatures[0])
     widths = {int(n) for n in re.findall(r"\bf(?:mul|add|sub)(?: \w+)* <(\d+) x double>", llvm_ir)}
     assert "vector.body" in llvm_ir and widths and min(widths) >= 2, "IDBD's pass was not vectorised"
+
+
+_CACHE_CHILD = """
+import sys
+import numpy as np
+from cpu_ver import online_kernels as K
+
+rng = np.random.default_rng(7)
+n = 10_257                                          # a ragged end after the vector loop
+g, h, w = rng.standard_normal(n), rng.standard_normal(n) * 1e-2, rng.standard_normal(n)
+b, d, x = rng.uniform(-8.0, 0.5, n), rng.random(n), rng.uniform(-745.0, 709.0, n)
+outs = [K.exp_array(x, np.empty(n))]
+for clip, decay in ((np.inf, 1.0), (1e-4, 0.9)):
+    outs += [np.empty(n) for _ in range(6)]
+    outs.append(np.array([K.idbd_kernel(g, h, b, w, 0.3, decay, clip, *outs[-6:-3]),
+                          K.idbd_diag_kernel(g, h, b, w, d, 0.3, decay, clip, *outs[-3:])], float))
+kernels = (K.exp_array, K.idbd_kernel, K.idbd_diag_kernel)
+print(sum(sum(k.stats.cache_hits.values()) for k in kernels),
+      sum(sum(k.stats.cache_misses.values()) for k in kernels), file=sys.stderr)
+sys.stdout.buffer.write(b"".join(o.tobytes() for o in outs))
+"""
+
+
+def test_kernels_give_the_same_bits_freshly_compiled_and_loaded_from_numbas_cache(tmp_path):
+    """The same inputs give the same output bytes in a process that compiles the kernels
+    (empty ``NUMBA_CACHE_DIR``) and in one that loads them from that cache (the numba
+    cache statistics say which happened). Failed while the module left multiply-adds to
+    ``fastmath={"contract"}``: the IDBD kernels call the loop of ``_make_idbd_pass``; a
+    fresh process ran that loop's own compilation, a cached one the copy linked into the
+    kernel and optimised again there, which fused w - a g differently (last bits of w')."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("NUMBA_DISABLE_JIT", None)
+
+    def child():
+        r = subprocess.run([sys.executable, "-c", _CACHE_CHILD], cwd=root, env=env, capture_output=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr.decode()
+        hits, misses = (int(v) for v in r.stderr.decode().split()[-2:])
+        return r.stdout, hits, misses
+
+    fresh, hits, misses = child()
+    assert hits == 0 and misses == 3, "the first child did not compile every kernel"
+    cached, hits, misses = child()
+    assert hits == 3 and misses == 0, "the second child did not load every kernel from the cache"
+    assert len(fresh) == len(cached) == 8 * 10_257 * 13 + 8 * 4
+    differ = np.flatnonzero(np.frombuffer(fresh, np.uint64) != np.frombuffer(cached, np.uint64))
+    assert differ.size == 0, f"{differ.size} doubles differ between a fresh and a cached kernel, first {differ[:5]}"
