@@ -8,7 +8,7 @@ run's process dies with it. Two ways to start that process (``LAUNCHES``, the ta
 
 - ``zygote`` (the default on Linux): a fork of the worker's zygote, a long-lived process
   that has imported the backend's modules once (``shared/sweep_zygote.py``); the worker
-  holds its zygotes in a worker plugin (``shared/sweep_plugin.py``, registered by ``execute``);
+  holds its zygotes in a worker plugin (``shared/sweep_plugin.py``, given to the workers by ``cluster``);
 - ``subprocess``: ``python -m BACKEND COMMAND ...`` started afresh for every attempt (and
   wherever fork is missing, or a zygote cannot start).
 
