@@ -8,7 +8,7 @@ run's process dies with it. Two ways to start that process (``LAUNCHES``, the ta
 
 - ``zygote`` (the default on Linux): a fork of the worker's zygote, a long-lived process
   that has imported the backend's modules once (``shared/sweep_zygote.py``); the worker
-  holds its zygotes in a worker plugin (``shared/sweep_plugin.py``, registered by ``execute``);
+  holds its zygotes in a worker plugin (``shared/sweep_plugin.py``, given to the workers by ``cluster``);
 - ``subprocess``: ``python -m BACKEND COMMAND ...`` started afresh for every attempt (and
   wherever fork is missing, or a zygote cannot start).
 
@@ -237,23 +237,38 @@ def slurm_cluster(settings: dict):
     return SLURMCluster(**{k: v for k, v in kw.items() if v is not None})
 
 
+# The sweep's Dask settings: Dask's re-execution of a task whose worker died is off (every
+# loss is a counted attempt, see ``execute``), and the clusters the sweep starts itself skip
+# the bookkeeping that costs CPU while the runs compute and that a sweep never reads: the
+# statistical profiler (a thread sampling every thread's stack every 10 ms while a task
+# runs), the 20 ms event-loop tick, the system monitor's and the nanny's memory polls
+# (100 ms; the sweep sets no memory limit), and work stealing (one task per thread).
+SETTINGS = {"distributed.scheduler.allowed-failures": 0}
+QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
+         "distributed.admin.system-monitor.interval": "5s", "distributed.admin.system-monitor.disk": False,
+         "distributed.worker.memory.monitor-interval": "5s", "distributed.scheduler.work-stealing": False}
+
+
 @contextlib.contextmanager
-def cluster(*, workers: int = 2, scheduler: str | None = None, slurm: dict | None = None):
+def cluster(*, workers: int = 2, scheduler: str | None = None, slurm: dict | None = None, plugin=None):
     """A connected ``distributed.Client`` for the sweep, closed (with an embedded cluster) at
-    the end. Dask's re-execution of a task whose worker died is off (every loss is a counted
-    attempt, see ``execute``)."""
+    the end, its workers holding ``plugin`` (a ``WorkerPlugin``, the zygotes of
+    ``zygote_plugin``) for the length of the sweep. An embedded cluster's workers are built
+    with it, so each starts its zygotes as soon as its process is up, before it registers
+    with the scheduler; workers elsewhere get it registered once the client connects, and
+    removed at the end (which ends their zygotes)."""
     import logging  # noqa: PLC0415
 
     import dask  # noqa: PLC0415
     from distributed import Client, LocalCluster  # noqa: PLC0415
 
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    with dask.config.set({**SETTINGS, **({} if scheduler else QUIET)}):
         if scheduler:
             try:
                 client = Client(scheduler, timeout="10s")
             except (OSError, TimeoutError) as e:
                 raise ConfigError(f"--scheduler {scheduler}: cannot connect ({e})") from None
-            with client:
+            with client, _registered(client, plugin):
                 yield client
             return
         if slurm:
@@ -261,8 +276,9 @@ def cluster(*, workers: int = 2, scheduler: str | None = None, slurm: dict | Non
             made.scale(jobs=slurm["jobs"])
         else:
             made = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                dashboard_address=None, silence_logs=logging.CRITICAL)
-        with made, Client(made) as client:
+                                dashboard_address=None, silence_logs=logging.CRITICAL,
+                                plugins=(plugin,) if plugin is not None else ())
+        with made, Client(made) as client, _registered(client, plugin if slurm else None):
             yield client
 
 
@@ -276,23 +292,30 @@ def slots(client, floor: int = 1) -> int:
 
 # ---------------------------------------------------------------------------------- the driver
 
-@contextlib.contextmanager
-def zygotes(client, tasks: dict):
-    """The worker plugin holding the workers' zygotes (``shared/sweep_plugin.py``) registered
-    for the sweep, when any task runs in one; removed (its zygotes ended) at the end."""
+def zygote_plugin(tasks: dict):
+    """The worker plugin that holds the workers' zygotes (``shared/sweep_plugin.py``) for
+    ``tasks`` (run id -> ``run_task``'s argument), None when none runs in a zygote."""
     backends = sorted({t["backend"] for t in tasks.values() if t.get("launch") == "zygote"})
     if not backends:
-        yield
-        return
-    from shared.sweep_plugin import PLUGIN_NAME, Zygotes  # noqa: PLC0415
+        return None
+    from shared.sweep_plugin import Zygotes  # noqa: PLC0415
 
     cwd = next((t.get("cwd") for t in tasks.values() if t.get("launch") == "zygote"), None)
-    client.register_plugin(Zygotes(backends, cwd), name=PLUGIN_NAME)
+    return Zygotes(backends, cwd)
+
+
+@contextlib.contextmanager
+def _registered(client, plugin):
+    """``plugin`` registered on the cluster's workers (present and future), removed at the end."""
+    if plugin is None:
+        yield
+        return
+    client.register_plugin(plugin, name=plugin.name)
     try:
         yield
     finally:
         with contextlib.suppress(Exception):     # a cluster already gone has nothing left to end
-            client.unregister_worker_plugin(PLUGIN_NAME)
+            client.unregister_worker_plugin(plugin.name)
 
 
 def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, save, progress=True,
@@ -312,7 +335,6 @@ def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, 
 
     runs = manifest["runs"]
     todo = [rid for rid, e in runs.items() if e["state"] != "done"]
-    stack = contextlib.ExitStack()
     queue, flight = list(todo), {}
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {manifest['spec']}", unit="run",
                disable=not progress, file=sys.stderr)
@@ -327,7 +349,6 @@ def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, 
         save(manifest)
 
     try:
-        stack.enter_context(zygotes(client, {rid: tasks[rid] for rid in todo}))
         submit()
         while flight:
             interrupt.check()
@@ -364,5 +385,4 @@ def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, 
         raise
     finally:
         bar.close()
-        stack.close()
     return manifest

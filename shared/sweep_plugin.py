@@ -1,8 +1,11 @@
 """The Dask worker plugin that holds a worker's zygote processes (``shared/sweep_zygote.py``).
 
-``shared.sweep_exec.execute`` registers ``Zygotes`` on the cluster when a sweep's attempts
-run in zygotes (on every worker, and on workers that join later) and removes it at the end,
-which ends the zygotes; a worker that closes or dies ends them too. The plugin is the only
+``shared.sweep_exec.cluster`` gives ``Zygotes`` to the workers when a sweep's attempts run in
+zygotes: an embedded cluster's workers are built with it (each starts its zygotes as its
+process comes up, before it registers with the scheduler, so the zygotes' imports overlap
+the cluster's start); on a scheduler's or SLURM's workers it is registered once the client
+connects (every worker, and workers that join later) and removed at the end, which ends the
+zygotes; a worker that closes or dies ends them too. The plugin is the only
 owner of the zygotes: an attempt (``sweep_exec.run_task``) borrows one and gives it back.
 """
 from __future__ import annotations

@@ -304,4 +304,6 @@ class Zygote:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(sys.argv[1]))
+    status = serve(sys.argv[1])
+    sys.stderr.flush()
+    os._exit(status)            # nothing of the zygote's own needs finalizing: skip the interpreter's teardown

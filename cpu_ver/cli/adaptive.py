@@ -27,15 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from cpu_ver import online as ad
-from cpu_ver.models import MLP, parse_layers
-from shared.online import check_validation_split
 from shared.online_cli import (CHECKPOINTS, add_run_arguments, baseline_kwargs, baseline_metrics,
                                check_checkpoint_options, final_metrics, jsonable_start, kwargs_from_start,
                                resolve_run_dir, resume_command, run_identity, start_from_hypers, stop_for_baseline)
-from shared.online_spec import BASELINE_OF
+from shared.online_spec import BASELINE_OF, GRANULARITIES, METHOD_NAMES
 from shared.cli import add_l2_on_argument, invocation
 from shared.errors import ConfigError
 
@@ -53,7 +48,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         a("--seed", type=int, default=0, help="seed for initial weights and minibatches (default 0)")
     if not _has(parser, "--out"):
         a("--out", default=None, help="output folder (default runs/adaptive-<time>)")
-    a("--method", default="hd", choices=ad.METHOD_NAMES, help="online method (default hd)")
+    a("--method", default="hd", choices=METHOD_NAMES, help="online method (default hd)")
     a("--dataset", default="digits", choices=("digits", "mnist", "mnist-t10k", "synthetic"),
       help="digits (default, embedded), mnist (4 IDX files), mnist-t10k (t10k pair only), synthetic")
     a("--data-dir", default=None, help=f"folder with the MNIST IDX files (default {_DEFAULT_MNIST} if present)")
@@ -68,7 +63,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--beta", type=float, default=1e-3, help="hypergradient step for hd/sgdn-hd/adam-hd/almeida/combined "
                                                "(default 1e-3; log space and combined follow "
                                                "alpha * dL/dalpha, so use a larger beta there)")
-    a("--granularity", default="global", choices=ad.GRANULARITIES,
+    a("--granularity", default="global", choices=GRANULARITIES,
       help="learning rates per global|block|unit|param (HD methods; default global)")
     a("--log-space", action="store_true", help="HD: adapt log alpha instead of alpha")
     a("--momentum", type=float, default=0.9, help="momentum for sgdn-hd (default 0.9)")
@@ -79,7 +74,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
       help="IDBD trace decay (default 1) / SMD lambda (default 0.99), in [0, 1]")
     a("--curvature", default="diag", choices=("diag", "hvp"), help="IDBD trace: diagonal approximation or HVP")
     a("--l2-init", type=float, default=1e-4, help="T1-T2 initial L2 strength (default 1e-4)")
-    a("--l2-groups", default="block", choices=ad.GRANULARITIES, help="T1-T2 L2 strengths per ... (default block)")
+    a("--l2-groups", default="block", choices=GRANULARITIES, help="T1-T2 L2 strengths per ... (default block)")
     add_l2_on_argument(a)
     a("--meta-lr", type=float, default=2e-2, help="T1-T2 meta step (Adam on log L2; default 2e-2)")
     a("--meta-opt", default="adam", choices=("adam", "sgd"), help="T1-T2 meta optimiser (default adam)")
@@ -96,6 +91,7 @@ def add_adaptive_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def baseline_method(args, layout, start=None):
     """The plain optimiser for ``args.method``, from the same starting values (``start``)."""
+    from cpu_ver import online as ad
     return ad.make_method(BASELINE_OF.get(args.method, "sgd"), layout, **baseline_kwargs(args, start, layout))
 
 
@@ -117,11 +113,15 @@ def _plot(run_dir, res, base, method_name, base_name, data_label):
 
 def _rows(X):
     """Inputs as (n, features), also for an empty split (``reshape(0, -1)`` is ambiguous)."""
+    import numpy as np
     return X.reshape(len(X), int(np.prod(X.shape[1:], dtype=np.int64)))
 
 
 def run_adaptive(args) -> dict:
     """Run ``args.method`` (and the plain baseline), write results.json and plots; return results."""
+    from cpu_ver import online as ad
+    from cpu_ver.models import MLP, parse_layers
+    from shared.online import check_validation_split
     from cpu_ver.__main__ import PROG
     from shared.interrupt import resumable
     from shared.records import load_checkpoint, write_results

@@ -8,11 +8,11 @@ import sys
 import time
 
 from cpu_ver.cli.problem import finish, run_config
-from shared.fdcheck import print_table, worst_by_method
 
 
 def cmd_check(args):
     from cpu_ver.fdcheck import check_methods
+    from shared.fdcheck import print_table, worst_by_method
 
     t0 = time.perf_counter()
     table = check_methods(seed=args.seed, T=args.iters)
