@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.cli import add_resume_argument, option_identity, prepare_run_folder
+from shared.cli import add_l2_on_argument, add_resume_argument, option_identity, prepare_run_folder
 from shared.errors import ConfigError
+from shared.online_spec import GRANULARITIES
 
 
 def method_kwargs(args) -> dict:
@@ -88,6 +89,35 @@ def resume_command(prog: str, args, run_dir):
 
     argv = getattr(args, "_argv", None)
     return None if argv is None else resume_argv([*prog.split(), *argv], ["--resume", run_dir])
+
+
+def add_method_arguments(a) -> None:
+    """The online methods' own options, the same in both backends' ``adaptive`` commands
+    (``a`` is a parser's ``add_argument``); what each option means for each method is in
+    ``shared.online_spec``."""
+    a("--beta", type=float, default=1e-3, help="hypergradient step for hd/sgdn-hd/adam-hd/almeida/combined "
+                                               "(default 1e-3; log space and combined follow alpha dL/dalpha, "
+                                               "so use a larger beta there)")
+    a("--granularity", default="global", choices=GRANULARITIES,
+      help="learning rates per global|block|unit|param (HD methods; default global)")
+    a("--log-space", action="store_true", help="HD: adapt log alpha instead of alpha")
+    a("--momentum", type=float, default=0.9, help="momentum for sgdn-hd and its baseline (default 0.9)")
+    a("--l2", type=float, default=0.0, help="fixed L2 strength for the learning-rate methods (default 0)")
+    a("--theta", type=float, default=1.0, help="IDBD meta step size (default 1)")
+    a("--mu", type=float, default=10.0, help="SMD meta step size (default 10)")
+    a("--trace-decay", type=float, default=None,
+      help="IDBD trace decay (default 1) / SMD lambda (default 0.99), in [0, 1]")
+    a("--curvature", default="diag", choices=("diag", "hvp"), help="IDBD trace: diagonal approximation or HVP")
+    a("--l2-init", type=float, default=1e-4, help="T1-T2 initial L2 strength (default 1e-4)")
+    a("--l2-groups", default="block", choices=GRANULARITIES, help="T1-T2 L2 strengths per ... (default block)")
+    add_l2_on_argument(a)
+    a("--meta-lr", type=float, default=2e-2, help="T1-T2 meta step (Adam on log L2; default 2e-2)")
+    a("--meta-opt", default="adam", choices=("adam", "sgd"), help="T1-T2 meta optimiser (default adam)")
+    a("--hyper-every", type=int, default=1, help="T1-T2: one hyper step every N weight steps (default 1)")
+    a("--hyper-at", default="next", choices=("next", "current"),
+      help="T1-T2: validation gradient at w_t+1 (exact) or w_t (original)")
+    a("--clip", type=float, default=None, help="clip hypergradients elementwise to +-CLIP (default off)")
+    a("--eval-every", type=int, default=10, help="log curves every N steps (default 10)")
 
 
 def add_run_arguments(parser) -> None:
