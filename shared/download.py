@@ -10,13 +10,12 @@ computed from files whose MD5 matches that list.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from shared.errors import ConfigError, DataError
+from shared.records import atomic_open
 
 PUBLISHED_MD5 = {
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -58,31 +57,20 @@ def download(url, dest_path, sha256, md5=None, timeout=60.0, chunk_size=1 << 20)
     if dest.is_file() and _file_matches(dest, sha256, md5):
         return dest
     hs = _hashes(sha256, md5)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
-                    for chunk in iter(lambda: resp.read(chunk_size), b""):
-                        out.write(chunk)
-                        for h in hs.values():
-                            h.update(chunk)
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                raise DataError(f"{dest}: could not download {url}: {e}") from None
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_open(dest) as out:          # renamed over dest only if the block completes
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                for chunk in iter(lambda: resp.read(chunk_size), b""):
+                    out.write(chunk)
+                    for h in hs.values():
+                        h.update(chunk)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise DataError(f"{dest}: could not download {url}: {e}") from None
         want = {"sha256": sha256, "md5": md5}
         for k, h in hs.items():
             if h.hexdigest() != want[k].lower():
                 raise DataError(f"{dest}: {k} checksum mismatch for {url}: expected {want[k].lower()}, "
                                 f"got {h.hexdigest()}; file not written")
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return dest
 
 

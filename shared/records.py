@@ -159,8 +159,9 @@ def dumps(obj) -> str:
 
 
 @contextmanager
-def _atomic_open(path, mode="wb"):
-    """Yield a temporary file beside ``path``; on success fsync and rename it over ``path``."""
+def atomic_open(path, mode="wb"):
+    """Yield a temporary file beside ``path``; if the block completes, fsync it and rename it
+    over ``path``; if the block raises, remove it and leave ``path`` as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -195,14 +196,14 @@ def _fsync_dir(folder: Path) -> None:
 def write_bytes_atomic(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (creating the folder if needed)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(data)
     return Path(path)
 
 
 def write_text_atomic(path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with _atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(text.encode("utf-8"))
     return Path(path)
 
@@ -276,7 +277,7 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> Path:
         clean[str(k)] = a
     clean[_META_KEY] = np.array(json.dumps(to_jsonable(meta), allow_nan=False))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, **clean)
     return path
 
@@ -340,7 +341,7 @@ def save_figure(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _atomic_open(path, "wb") as f:
+        with atomic_open(path, "wb") as f:
             fig.savefig(f, format="png")
     finally:
         plt = sys.modules.get("matplotlib.pyplot")
