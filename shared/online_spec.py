@@ -345,6 +345,17 @@ def resolve_options(spec: MethodSpec, kw: dict, n: int) -> dict:
     return opts
 
 
+def build_method(builders: dict, name, layout, **kw):
+    """Method ``name`` (``METHOD_NAMES``, a plain optimiser ``PLAIN_NAMES`` or an alias) for
+    ``layout``, from a backend's ``builders`` (spec name -> builder). Unknown options are a
+    ConfigError naming them before the builder runs; the builder resolves and checks the
+    values by the same specification (``checked``), which also fills in and normalises them.
+    Both backends' ``make_method`` are this with their own builders."""
+    spec = method_spec(name)
+    resolve_options(spec, kw, layout.size)          # unknown options first (the builder checks the rest)
+    return builders[spec.name](layout, **spec.fixed, **kw)
+
+
 def checked(args: dict, *names) -> tuple:
     """(spec, options) of a builder called with ``args`` (its ``locals()`` on entry: ``layout``,
     the fixed keywords and the options): the specification among ``names`` whose fixed

@@ -34,7 +34,7 @@ from gpu_ver.online.grouping import Grouping
 from shared.coverage import mask as coverage_mask
 from shared.errors import ConfigError
 from shared.layout import ParamLayout
-from shared.online_spec import PLAIN_NAMES, MethodSpec, checked, method_spec, reg_init, resolve_options
+from shared.online_spec import PLAIN_NAMES, MethodSpec, build_method, checked, reg_init, resolve_options
 from shared.online_spec import check_l2 as _check_l2
 
 theano = config.load()
@@ -465,14 +465,10 @@ BUILDERS = {**dict.fromkeys(PLAIN_NAMES, Plain), **dict.fromkeys(("hd", "sgdn-hd
 
 
 def make_method(name, layout: ParamLayout, **kw) -> Method:
-    """Build method ``name`` (``METHOD_NAMES``, a plain optimiser ``PLAIN_NAMES`` or an alias) for
-    ``layout``. The options are checked first against the method's specification
-    (``shared.online_spec``, the table cpu_ver reads too): an unknown option or a bad
-    value is a ConfigError naming it; the builder resolves them by the same specification
-    (``shared.online_spec.checked``), which also fills in and normalises them."""
-    spec = method_spec(name)
-    resolve_options(spec, kw, layout.size)          # unknown options first (the builder checks the rest)
-    return BUILDERS[spec.name](layout, **spec.fixed, **kw)
+    """Build method ``name`` for ``layout`` with this backend's ``BUILDERS``, options checked
+    against the method's specification (``shared.online_spec.build_method``, which cpu_ver
+    calls with its own builders)."""
+    return build_method(BUILDERS, name, layout, **kw)
 
 
 class SpecMethod(_FixedL2, Method):
