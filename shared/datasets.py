@@ -38,6 +38,8 @@ are re-exported here.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from shared.cifar10 import (CIFAR10_DIR, CIFAR10_FILES, CIFAR10_TARBALL, CIFAR10_TEST_BATCH,  # noqa: F401
@@ -85,17 +87,35 @@ def load_digits(n_train=None, n_val=None, n_test=None, seed=0) -> Dataset:
 
     Defaults: 1000 train, 400 validation, the remaining 397 test.
     """
-    from sklearn.datasets import load_digits as _sk_digits  # lazy: only this loader uses scikit-learn
-
     seed = check_seed(seed)
-    d = _sk_digits()
-    X, y = d.data, d.target
+    X, y = digits_arrays()
     n_val_, n_train_ = resolve_size(n_val, 400, "n_val"), resolve_size(n_train, 1000, "n_train")
     n_test_ = resolve_size(n_test, max(len(y) - n_val_ - n_train_, 0), "n_test")
     val, train, test = partition(len(y), (n_val_, n_train_, n_test_), ("n_val", "n_train", "n_test"),
                                   seed, STREAM_SPLIT, "digits")
     return Dataset("digits", take(X, y, train, 16.0), take(X, y, val, 16.0), take(X, y, test, 16.0), 10,
                    {"source": "sklearn.datasets.load_digits", "seed": seed})
+
+
+def digits_arrays() -> tuple:
+    """``(X, y)`` of scikit-learn's digits, as ``sklearn.datasets.load_digits()`` gives them
+    (``X`` float64 (1797, 64) with values 0..16, ``y`` int64): read from the ``digits.csv.gz``
+    that scikit-learn ships (each row 64 pixels and the label), without importing
+    scikit-learn, whose import takes longer than a tiny run's training; through
+    ``load_digits`` where that file is not found."""
+    import gzip  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+
+    found = importlib.util.find_spec("sklearn")
+    path = Path(found.origin).parent / "datasets" / "data" / "digits.csv.gz" if found and found.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits as sk_digits  # noqa: PLC0415
+
+        d = sk_digits()
+        return d.data, d.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
 
 
 def make_synthetic(n=1000, n_features=20, n_classes=3, seed=0, n_val=None, n_test=None,

@@ -226,10 +226,10 @@ def run_sweep(args, argv_record) -> int:
     todo = len(manifest["runs"]) - counts["done"]
     if todo:
         try:
-            plugin = sweep_exec.zygote_plugin({rid: t for rid, t in tasks.items()
-                                               if manifest["runs"][rid]["state"] != "done"})
+            zygotes = sweep_exec.zygote_backends({rid: t for rid, t in tasks.items()
+                                                  if manifest["runs"][rid]["state"] != "done"})
             with interrupt.deferred(), \
-                    sweep_exec.cluster(workers=workers, scheduler=args.scheduler, slurm=slurm, plugin=plugin) as client:
+                    sweep_exec.cluster(workers=workers, scheduler=args.scheduler, slurm=slurm, zygotes=zygotes) as client:
                 manifest = sweep_exec.execute(client, folder, manifest, tasks, retries=args.retries,
                                               save=lambda m: sweep_manifest.write(folder, m),
                                               progress=args.progress, floor=slurm["jobs"] if slurm else 1)

@@ -6,9 +6,12 @@ are isolated from each other and from the worker, and a killed worker is a real 
 run's process dies with it. Two ways to start that process (``LAUNCHES``, the task's
 ``launch``):
 
-- ``zygote`` (the default on Linux): a fork of the worker's zygote, a long-lived process
-  that has imported the backend's modules once (``shared/sweep_zygote.py``); the worker
-  holds its zygotes in a worker plugin (``shared/sweep_plugin.py``, given to the workers by ``cluster``);
+- ``zygote`` (the default on Linux): a fork of a zygote, a long-lived process that has
+  imported the backend's modules once (``shared/sweep_zygote.py``): on an embedded cluster
+  the machine's, which the driver starts before the cluster and every worker connects to
+  (a run still dies with its worker: its connection closes), elsewhere the worker's own;
+  the worker holds its zygotes in a worker plugin (``shared/sweep_plugin.py``, given to
+  the workers by ``cluster``);
 - ``subprocess``: ``python -m BACKEND COMMAND ...`` started afresh for every attempt (and
   wherever fork is missing, or a zygote cannot start).
 
@@ -49,6 +52,7 @@ LOG_FILE = "sweep.log"              # the run's stdout and stderr, every attempt
 LOCK_FILE = ".sweep-lock"           # held while an attempt runs: two attempts never share a folder
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 ENV_CACHE = "HPO_THEANO_CACHE"
+NANNY_HASH_SEED = "6640"           # what a Dask nanny sets (distributed 2024.1 on) where PYTHONHASHSEED is unset or 0
 LAUNCHES = ("zygote", "subprocess")     # how a worker starts an attempt's process (see the module's text)
 
 
@@ -58,16 +62,6 @@ def default_launch() -> str:
 
 
 # ---------------------------------------------------------------------------------- worker side
-
-def _die_with_parent():
-    """In the child before exec: SIGKILL when the worker that started it dies (Linux)."""
-    try:
-        import ctypes  # noqa: PLC0415
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)     # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
 
 @contextlib.contextmanager
 def _locked(path: Path):
@@ -162,7 +156,8 @@ def run_task(task: dict) -> dict:
     ``checkpoint`` (the file ``--resume`` continues from, or None), ``cwd``, and ``launch``
     (``LAUNCHES``; default ``subprocess``). Returns ``returncode``, ``error`` (None when the
     run finished with its results.json), ``worker``, ``pid`` (this worker process),
-    ``launch`` (how the attempt ran) and ``seconds``.
+    ``launch`` (how the attempt ran), ``zygote`` (``machine`` or ``worker``: whose zygote it
+    was forked from; None for a subprocess) and ``seconds``.
     """
     folder = Path(task["folder"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -179,18 +174,18 @@ def run_task(task: dict) -> dict:
             offset = f.tell()
             f.write(f"$ {' '.join(argv)}\n".encode())
             f.flush()
-            rc = zygotes.run(task["backend"], argv[3:], log, cwd, env) if zygotes is not None else None
+            rc, zygote = zygotes.run(task["backend"], argv[3:], log, cwd, env) if zygotes is not None else (None, None)
             launch = "zygote" if rc is not None else "subprocess"
             if rc is None:
                 rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     cwd=cwd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                     cwd=cwd, preexec_fn=sweep_zygote.die_with_parent if sys.platform.startswith("linux") else None)
     error = None
     if rc != 0:
         error = _reason(log, offset, rc)
     elif not (folder / RESULTS_FILE).is_file():
         error = f"exit status 0 but no {RESULTS_FILE} in {folder}"
     return {"returncode": rc, "error": error, "worker": name, "pid": os.getpid(), "launch": launch,
-            "seconds": time.perf_counter() - t0}
+            "zygote": zygote, "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------- clusters
@@ -250,36 +245,82 @@ QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.in
 
 
 @contextlib.contextmanager
-def cluster(*, workers: int = 2, scheduler: str | None = None, slurm: dict | None = None, plugin=None):
+def cluster(*, workers: int = 2, scheduler: str | None = None, slurm: dict | None = None, zygotes=None):
     """A connected ``distributed.Client`` for the sweep, closed (with an embedded cluster) at
-    the end, its workers holding ``plugin`` (a ``WorkerPlugin``, the zygotes of
-    ``zygote_plugin``) for the length of the sweep. An embedded cluster's workers are built
-    with it, so each starts its zygotes as soon as its process is up, before it registers
-    with the scheduler; workers elsewhere get it registered once the client connects, and
-    removed at the end (which ends their zygotes)."""
-    import logging  # noqa: PLC0415
+    the end, its workers holding the zygotes of ``zygotes`` (``zygote_backends``: the backends
+    and folder of the attempts that run in one; None: none does) in a worker plugin
+    (``shared/sweep_plugin.py``) for the length of the sweep.
 
-    import dask  # noqa: PLC0415
-    from distributed import Client, LocalCluster  # noqa: PLC0415
+    An embedded cluster gets one zygote per backend for the machine
+    (``sweep_zygote.machine_zygotes``), started before anything of Dask's distributed is
+    imported, so that its imports overlap the cluster's start; each worker (built with the
+    plugin) connects to it as soon as its process is up. Workers elsewhere (a scheduler's,
+    SLURM's) get the plugin registered once the client connects, each starting zygotes of
+    its own, and removed at the end (which ends their zygotes)."""
+    with contextlib.ExitStack() as stack:
+        machine, env = {}, None
+        if zygotes is not None and not scheduler and not slurm and sweep_zygote.available():
+            env = run_env(nanny_environ(os.environ), "machine")
+            cwd = zygotes[1] if zygotes[1] and os.path.isdir(zygotes[1]) else None
+            machine = stack.enter_context(sweep_zygote.machine_zygotes(zygotes[0], cwd, env))
+        import logging  # noqa: PLC0415
 
-    with dask.config.set({**SETTINGS, **({} if scheduler else QUIET)}):
+        import dask  # noqa: PLC0415
+        from distributed import Client, LocalCluster  # noqa: PLC0415
+
+        plugin = None
+        if zygotes is not None:
+            from shared.sweep_plugin import Zygotes  # noqa: PLC0415
+
+            plugin = Zygotes(*zygotes).sharing(machine, env) if machine else Zygotes(*zygotes)
+        stack.enter_context(dask.config.set({**SETTINGS, **({} if scheduler else QUIET)}))
         if scheduler:
             try:
                 client = Client(scheduler, timeout="10s")
             except (OSError, TimeoutError) as e:
                 raise ConfigError(f"--scheduler {scheduler}: cannot connect ({e})") from None
-            with client, _registered(client, plugin):
-                yield client
-            return
-        if slurm:
-            made = slurm_cluster(slurm)
+        elif slurm:
+            made = stack.enter_context(slurm_cluster(slurm))
             made.scale(jobs=slurm["jobs"])
+            client = Client(made)
         else:
-            made = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                dashboard_address=None, silence_logs=logging.CRITICAL,
-                                plugins=(plugin,) if plugin is not None else ())
-        with made, Client(made) as client, _registered(client, plugin if slurm else None):
-            yield client
+            made = stack.enter_context(LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.CRITICAL, plugins=(plugin,) if plugin is not None else ()))
+            client = Client(made)
+        stack.enter_context(client)
+        stack.enter_context(_registered(client, plugin if scheduler or slurm else None))
+        yield client
+
+
+def nanny_environ(environ) -> dict:
+    """The environment a Dask nanny on this machine gives the worker it starts: ``environ``
+    with ``distributed.nanny.pre-spawn-environ`` and ``distributed.nanny.environ`` (where
+    ``environ`` does not set them) and the nanny's fixed ``PYTHONHASHSEED`` where none is
+    set; a worker's zygote inherits it, and the machine's zygote is started with it. Read
+    without importing ``distributed`` (its defaults from its ``distributed.yaml``, merged
+    under dask's configuration), so that the machine's zygote starts first; where this
+    differs from what a worker really gets, the workers start zygotes of their own
+    (``shared/sweep_plugin.py`` compares the two)."""
+    import importlib.util  # noqa: PLC0415
+
+    import dask  # noqa: PLC0415
+    import yaml  # noqa: PLC0415
+
+    found = importlib.util.find_spec("distributed")
+    defaults = {}
+    if found is not None and found.origin:
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            defaults = yaml.safe_load((Path(found.origin).parent / "distributed.yaml").read_text())
+    nanny = ((defaults or {}).get("distributed") or {}).get("nanny") or {}
+    out = dict(environ)
+    for key in ("pre-spawn-environ", "environ"):
+        cfg = {**(nanny.get(key) or {}), **(dask.config.get(f"distributed.nanny.{key}", default=None) or {})}
+        cfg = {k: environ.get(k, str(v)) for k, v in cfg.items() if v is not None}
+        if key == "pre-spawn-environ" and cfg.get("PYTHONHASHSEED") in (None, "0"):
+            cfg["PYTHONHASHSEED"] = NANNY_HASH_SEED         # the nanny's, whatever ``environ`` says
+        out.update(cfg)
+    return out
 
 
 def slots(client, floor: int = 1) -> int:
@@ -292,16 +333,13 @@ def slots(client, floor: int = 1) -> int:
 
 # ---------------------------------------------------------------------------------- the driver
 
-def zygote_plugin(tasks: dict):
-    """The worker plugin that holds the workers' zygotes (``shared/sweep_plugin.py``) for
-    ``tasks`` (run id -> ``run_task``'s argument), None when none runs in a zygote."""
+def zygote_backends(tasks: dict):
+    """``(backends, cwd)`` of the ``tasks`` (run id -> ``run_task``'s argument) that run in a
+    zygote, the argument ``cluster`` takes; None when none does."""
     backends = sorted({t["backend"] for t in tasks.values() if t.get("launch") == "zygote"})
     if not backends:
         return None
-    from shared.sweep_plugin import Zygotes  # noqa: PLC0415
-
-    cwd = next((t.get("cwd") for t in tasks.values() if t.get("launch") == "zygote"), None)
-    return Zygotes(backends, cwd)
+    return backends, next((t.get("cwd") for t in tasks.values() if t.get("launch") == "zygote"), None)
 
 
 @contextlib.contextmanager
@@ -364,7 +402,7 @@ def execute(client, folder: Path, manifest: dict, tasks: dict, *, retries: int, 
                 except Exception as exc:        # noqa: BLE001 (KilledWorker, a lost connection, ...)
                     out = {"error": f"worker lost while running it ({type(exc).__name__}: {exc})"[:500]}
                 e.update(worker=out.get("worker", e["worker"]), seconds=out.get("seconds"), error=out["error"],
-                         launch=out.get("launch", e.get("launch")))
+                         launch=out.get("launch", e.get("launch")), zygote=out.get("zygote", e.get("zygote")))
                 if out["error"] is None:
                     e["state"] = "done"
                     bar.update(1)

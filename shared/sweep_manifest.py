@@ -11,7 +11,8 @@ The manifest holds the spec's name, file and scale and, per run identity
 (``shared/sweep_spec.py``): its folder, backend, command, options and grid values, and
 ``state`` (``pending``, ``running``, ``done``, ``failed``), ``attempts``, ``error`` (the
 reason of the last failure), ``worker``, ``launch`` (how its last attempt's process was
-started: ``zygote`` or ``subprocess``, ``shared/sweep_exec.py``) and ``seconds``. Only the sweep's driver writes it.
+started: ``zygote`` or ``subprocess``, ``shared/sweep_exec.py``), ``zygote`` (for a
+zygote's fork: ``machine`` or ``worker``, the machine's zygote or the worker's own) and ``seconds``. Only the sweep's driver writes it.
 
 Rerunning a sweep into its folder keeps ``done`` runs whose ``results.json`` is there and
 runs the rest again (a ``running`` run was cut off by a stopped driver). A spec whose runs
@@ -36,7 +37,8 @@ def entry(run) -> dict:
     """A new manifest entry for ``run`` (a ``sweep_spec.Run``), pending."""
     return {"folder": f"{RUNS_FOLDER}/{run.folder_name}", "part": run.part, "backend": run.backend,
             "command": run.command, "options": run.options, "axes": run.axes, "state": "pending",
-            "attempts": 0, "error": None, "worker": None, "launch": None, "seconds": None}
+            "attempts": 0, "error": None, "worker": None, "launch": None, "zygote": None,
+            "seconds": None}
 
 
 def new(spec) -> dict:

@@ -1,37 +1,50 @@
-"""A sweep worker's zygote: one long-lived process that has imported a backend, and forks a
-child per attempt of a run.
+"""A sweep's zygote: one long-lived process that has imported a backend, and forks a child
+per attempt of a run.
 
-A fresh ``python -m cpu_ver meta ...`` spends most of a tiny run importing numpy, scipy,
-autograd, numba, scikit-learn and matplotlib. The zygote (``python -m shared.sweep_zygote
-BACKEND``, started by a worker with the environment a run's subprocess would get) imports
-them once; each attempt is then ``os.fork()`` of the zygote, so it starts with those modules
-loaded and nothing else done: no command has run in the zygote, so every child begins in
-the state a fresh interpreter reaches after the same imports.
+A fresh ``python -m cpu_ver meta ...`` spends much of a tiny run importing numpy, autograd,
+numba and matplotlib and filling caches at its first figure. The zygote imports them once
+(``warm``); each attempt is then ``os.fork()`` of it, so it starts with those modules loaded
+and nothing else done: no command has run in the zygote, so every child begins in the
+state a fresh interpreter reaches after the same imports (plus matplotlib's caches, which
+change no figure: ``warm_matplotlib``).
 
-The child (``_child``): dies with the zygote (``PR_SET_PDEATHSIG``, SIGKILL), has its
+Two kinds, one loop (``_serve_requests``):
+
+- a worker's own (``python -m shared.sweep_zygote BACKEND``, started by the worker with the
+  environment a run's subprocess would get): requests on its standard input, answers on
+  its standard output;
+- the machine's (``python -m shared.sweep_zygote BACKEND --listen-fd FD``, started by the
+  driver of an embedded cluster: ``machine_zygotes``): it listens on a Unix socket and forks,
+  for each worker that connects, a connection server (``_connection``) that serves that
+  worker's requests on the connection as a worker's own zygote serves its standard input.
+  One set of imports serves every worker of the machine.
+
+The child (``_child``): dies with its parent (``PR_SET_PDEATHSIG``, SIGKILL), has its
 standard output and error appended to the run's log and its standard input on /dev/null
-(as the subprocess path), ``sys.argv`` as ``python -m BACKEND`` would set it, numpy's global
-random state drawn afresh (a new process's is; a fork would copy the zygote's), and calls
+(as the subprocess path), the environment its request carries (``env``: the run's own),
+``sys.argv`` as ``python -m BACKEND`` would set it, numpy's global random state drawn
+afresh (a new process's is; a fork would copy the zygote's), and calls
 ``BACKEND.__main__.main(argv)``; its exit status is main's return value or SystemExit code,
 1 after an uncaught exception (its traceback in the log), as the interpreter would end.
 
 What is imported (``WARM``): the backend's command module and the modules its commands
 import when they run. gpu_ver's zygote never imports Theano: Theano reads its flags
 (device, floatX, compile folder) once at import, and they belong to each run
-(``gpu_ver.config.load`` in the child).
+(``gpu_ver.config.load`` in the child, from the request's environment).
 
-Protocol, one JSON object a line: the worker writes ``{"argv", "log", "cwd"}`` to the
-zygote's standard input; the zygote answers ``{"ready": true}`` once after its imports,
-then per request ``{"pid"}`` (the child) and ``{"returncode"}`` (negative: the signal that
-killed it, as ``subprocess``). End of file on its standard input (the worker closed it, or
-the worker died) makes the zygote kill a child still running and exit, so a killed worker
-takes its runs with it. ``Zygote`` is the worker's handle of one zygote process.
+Protocol, one JSON object a line: the worker writes ``{"argv", "log", "cwd", "env"}``; the
+zygote (or connection server) answers ``{"ready": true}`` once after its imports, then per
+request ``{"pid"}`` (the child) and ``{"returncode"}`` (negative: the signal that killed it,
+as ``subprocess``). End of file on the requests (the worker closed them, or died) makes it
+kill a child still running and exit, so a killed worker takes its runs with it. ``Zygote``
+is the worker's handle of either kind.
 
-Linux only (fork and ``PR_SET_PDEATHSIG``); elsewhere the worker runs each attempt as a
-subprocess (``shared/sweep_exec.py``).
+Linux only (fork, ``PR_SET_PDEATHSIG``, abstract Unix sockets); elsewhere the worker runs
+each attempt as a subprocess (``shared/sweep_exec.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -45,9 +58,8 @@ import sys
 # most of the package lazily, and a list of its module names would go stale as it moves)
 WARM = {
     "cpu_ver": ("cpu_ver.*", "shared.records", "shared.online", "shared.exact_kernels",
-                "sklearn.datasets", "matplotlib.pyplot"),
+                "matplotlib.pyplot"),
     "gpu_ver": ("gpu_ver.__main__", "shared.records", "shared.online", "shared.exact_kernels", "scipy.linalg",
-                "sklearn.datasets",
                 "matplotlib.pyplot"),
 }
 PR_SET_PDEATHSIG = 1
@@ -67,7 +79,29 @@ def warm(backend: str) -> None:
 
             matplotlib.use("Agg")
         importlib.import_module(name)
+    if "matplotlib" in sys.modules:
+        warm_matplotlib()
     load_numba_caches([m for name, m in list(sys.modules.items()) if name.split(".")[0] in (backend, "shared")])
+
+
+def warm_matplotlib() -> None:
+    """Fill matplotlib's caches as a command's first figure would: draw one small figure
+    off-screen (an Agg canvas of its own, not pyplot's, which keeps no record of it) with
+    mathtext tick labels, and encode it as PNG. Caches only (the font, the mathtext
+    parser, compiled patterns, the PNG writer): every figure a command draws afterwards is
+    the same, byte for byte, and each fork saves what its first figure would spend on them
+    (about 0.1 s)."""
+    import io  # noqa: PLC0415
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    fig = Figure(figsize=(2, 1))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.semilogy([0, 1], [1e-3, 1.0])
+    ax.set_title("warm")
+    fig.savefig(io.BytesIO(), format="png")
 
 
 def modules_to_warm(backend: str) -> list:
@@ -123,11 +157,19 @@ def exit_code(code) -> int:
 
 # ---------------------------------------------------------------------------------- the child
 
-def _die_with_parent(parent: int) -> None:
-    import ctypes  # noqa: PLC0415
+def die_with_parent() -> None:
+    """Ask the kernel for SIGKILL when this process's parent dies (Linux; nothing elsewhere)."""
+    try:
+        import ctypes  # noqa: PLC0415
 
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:          # the zygote died before prctl took effect
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _die_with_parent(parent: int) -> None:
+    die_with_parent()
+    if os.getppid() != parent:          # the parent died before prctl took effect
         os._exit(1)
 
 
@@ -139,6 +181,9 @@ def _child(backend: str, request: dict, parent: int, keep: tuple, sigint) -> int
     for fd in keep:
         os.close(fd)
     os.chdir(request["cwd"])
+    if request.get("env") is not None:        # the run's own environment (a machine's zygote serves every worker)
+        os.environ.clear()
+        os.environ.update(request["env"])
     null = os.open(os.devnull, os.O_RDONLY)
     log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(null, 0)
@@ -217,57 +262,145 @@ def _lines(fd: int):
             yield json.loads(line)
 
 
-def serve(backend: str) -> int:
-    """The zygote's loop (``python -m shared.sweep_zygote BACKEND``)."""
-    answers = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)                       # what imports print goes to stderr, not into the answers
+def _prelude(backend: str):
+    """The zygote's start: Ctrl-C ignored (it is the runs' and the driver's), the backend
+    imported, the imported objects frozen; the SIGINT handler its children restore."""
     sigint = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the runs' and the driver's, not ours
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     warm(backend)
     import gc  # noqa: PLC0415
 
     gc.freeze()         # the imported modules' objects: never collected, so no child's collector touches their pages
+    return sigint
+
+
+def _serve_requests(backend: str, requests: int, answers, keep: tuple, sigint) -> int:
+    """Answer the requests read from fd ``requests`` (one child at a time) until end of file."""
     answers.write(json.dumps({"ready": True}) + "\n")
-    keep = (answers.fileno(),)         # the child's fd 0 goes to /dev/null over the requests
-    for request in _lines(0):
+    for request in _lines(requests):
         pid = _fork(backend, request, keep, sigint)
         answers.write(json.dumps({"pid": pid}) + "\n")
-        rc = _wait(pid, 0)
+        rc = _wait(pid, requests)
         if rc is None:
             return 0
         answers.write(json.dumps({"returncode": rc}) + "\n")
     return 0
 
 
-# ---------------------------------------------------------------------------------- the handle
+def serve(backend: str) -> int:
+    """A worker's zygote (``python -m shared.sweep_zygote BACKEND``): requests on standard
+    input, answers on standard output."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)                       # what imports print goes to stderr, not into the answers
+    sigint = _prelude(backend)
+    # the child's fd 0 goes to /dev/null over the requests
+    return _serve_requests(backend, 0, answers, (answers.fileno(),), sigint)
+
+
+def _connection(backend: str, conn, listener, zygote: int, sigint) -> int:
+    """In a fork of a machine's zygote: serve one worker's connection as a worker's own zygote
+    serves its standard input (its end of file, the worker gone, kills the child running)."""
+    _die_with_parent(zygote)
+    listener.close()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    fd = conn.fileno()
+    answers = os.fdopen(os.dup(fd), "w", buffering=1)
+    return _serve_requests(backend, fd, answers, (fd, answers.fileno()), sigint)
+
+
+def serve_socket(backend: str, listen_fd: int) -> int:
+    """A machine's zygote (``python -m shared.sweep_zygote BACKEND --listen-fd FD``): imports
+    once, then forks one connection server (``_connection``) per worker that connects to the
+    listening Unix socket ``listen_fd``; ends at end of file on its standard input (the driver
+    that started it closed it, or died), its connection servers and their children with it
+    (``PR_SET_PDEATHSIG``), once each connection has closed."""
+    import socket  # noqa: PLC0415
+
+    os.dup2(2, 1)
+    listener = socket.socket(fileno=listen_fd)
+    sigint = _prelude(backend)
+    me = os.getpid()
+    while True:
+        ready, _, _ = select.select([0, listener], [], [], 1.0)       # each second: reap the servers that ended
+        if 0 in ready and not os.read(0, 1 << 16):
+            listener.close()
+            with contextlib.suppress(ChildProcessError):    # each ends when its worker has closed its connection
+                while True:
+                    os.waitpid(-1, 0)
+            return 0
+        if listener in ready:
+            conn, _ = listener.accept()
+            if os.fork() == 0:
+                code = 1
+                try:
+                    code = _connection(backend, conn, listener, me, sigint)
+                finally:
+                    os._exit(code)
+            conn.close()
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:        # reap the connection servers that ended
+                pass
+
+
+# ---------------------------------------------------------------------------------- the handles
 
 class ZygoteLost(RuntimeError):
-    """The zygote process ended (its exit status in ``returncode``)."""
+    """The zygote process ended (its exit status in ``returncode``; None: a machine's zygote,
+    whose connection closed)."""
 
     def __init__(self, returncode):
         how = f"killed by {signal.Signals(-returncode).name}" if returncode and returncode < 0 else \
-            f"exit status {returncode}"
+            f"exit status {returncode}" if returncode is not None else "its connection closed"
         super().__init__(f"the worker's zygote process ended ({how})")
         self.returncode = returncode
 
 
 class Zygote:
-    """A worker's handle of one zygote process of ``backend``, started in ``cwd`` with ``env``
-    (the environment a run's subprocess would get)."""
+    """A worker's handle of one zygote of ``backend``: its own process, started in ``cwd`` with
+    ``env`` (the environment a run's subprocess would get), or (``Zygote.connect``) a
+    connection to the machine's zygote, whose connection server is then the worker's zygote."""
 
     def __init__(self, backend: str, cwd, env: dict):
-        self.backend = backend
+        self.backend, self.ready, self.sock = backend, False, None
         self.proc = subprocess.Popen([sys.executable, "-m", "shared.sweep_zygote", backend], cwd=cwd, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        self.ready = False
+        self._in, self._out = self.proc.stdin, self.proc.stdout
+
+    @classmethod
+    def connect(cls, backend: str, address: str) -> "Zygote":
+        """A handle connected to the machine's zygote listening at ``address`` (OSError when
+        nothing listens there)."""
+        import socket  # noqa: PLC0415
+
+        z = cls.__new__(cls)
+        z.backend, z.ready, z.proc = backend, False, None
+        z.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            z.sock.connect(address)
+        except OSError:
+            z.sock.close()
+            raise
+        z._in, z._out = z.sock.makefile("wb"), z.sock.makefile("rb")
+        return z
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        if self.proc is not None:
+            return self.proc.poll() is None
+        import socket  # noqa: PLC0415
+
+        try:            # between attempts nothing is sent to us: readable means closed
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
 
     def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
+        line = self._out.readline()
         if not line:
-            raise ZygoteLost(self.proc.wait())
+            raise ZygoteLost(self.proc.wait() if self.proc is not None else None)
         return json.loads(line)
 
     def wait_ready(self) -> None:
@@ -276,34 +409,75 @@ class Zygote:
             self._answer()
             self.ready = True
 
-    def run(self, argv: list, log, cwd) -> int:
+    def run(self, argv: list, log, cwd, env: dict | None = None) -> int:
         """Run ``BACKEND.__main__.main(argv)`` in a forked child, its output appended to ``log``,
-        in folder ``cwd``; its return code (negative: the signal that killed it). ZygoteLost
-        when the zygote ended before the child's end was reported."""
+        in folder ``cwd``, with environment ``env`` (None: the zygote's); its return code
+        (negative: the signal that killed it). ZygoteLost when the zygote ended before the
+        child's end was reported."""
         self.wait_ready()
+        request = {"argv": list(argv), "log": str(log), "cwd": str(cwd), "env": env}
         try:
-            self.proc.stdin.write((json.dumps({"argv": list(argv), "log": str(log), "cwd": str(cwd)}) + "\n").encode())
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            raise ZygoteLost(self.proc.wait()) from None
+            self._in.write((json.dumps(request) + "\n").encode())
+            self._in.flush()
+        except (BrokenPipeError, ConnectionError):
+            raise ZygoteLost(self.proc.wait() if self.proc is not None else None) from None
         self._answer()                  # {"pid"}
         return int(self._answer()["returncode"])
 
     def close(self) -> None:
-        """End the zygote (end of file on its input: a child still running is killed)."""
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        """End the zygote, or the connection (end of file on its input: a child still running
+        is killed)."""
+        for f in (self._in, self._out):
+            with contextlib.suppress(OSError):
+                f.close()
+        if self.proc is None:
+            self.sock.close()
+            return
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.proc.stdout.close()
+
+
+@contextlib.contextmanager
+def machine_zygotes(backends, cwd, env: dict):
+    """The machine's zygotes, one per backend, for the workers of an embedded cluster: each a
+    process (started in ``cwd`` with ``env``, the environment a worker's run gets less its
+    compile folder) that imports the backend once and forks a connection server per worker
+    that connects (``serve_socket``). Yields ``{backend: address}`` (Linux abstract Unix
+    sockets) of those that started; ends them at the end, and dies with this process."""
+    import socket  # noqa: PLC0415
+
+    procs, addresses = [], {}
+    try:
+        for backend in backends:
+            address = f"\0hpo-sweep-zygote-{os.getpid()}-{backend}-{os.urandom(6).hex()}"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                try:
+                    listener.bind(address)
+                    listener.listen(64)
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "shared.sweep_zygote", backend, "--listen-fd", str(listener.fileno())],
+                        cwd=cwd, env=env, stdin=subprocess.PIPE, pass_fds=(listener.fileno(),),
+                        preexec_fn=die_with_parent))
+                except OSError:
+                    continue
+            addresses[backend] = address
+        yield addresses
+    finally:
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 if __name__ == "__main__":
-    status = serve(sys.argv[1])
+    status = serve_socket(sys.argv[1], int(sys.argv[3])) if sys.argv[2:3] == ["--listen-fd"] else serve(sys.argv[1])
     sys.stderr.flush()
     os._exit(status)            # nothing of the zygote's own needs finalizing: skip the interpreter's teardown

@@ -391,6 +391,32 @@ def test_digits():
         ds.load_digits(n_train=1500)
 
 
+def test_digits_arrays_are_scikit_learns_without_importing_it(monkeypatch):
+    """The digits read from scikit-learn's data file equal ``load_digits()`` bit for bit, and
+    reading them imports no scikit-learn (a child process, whose modules start clean); where
+    the file is not found, ``load_digits`` itself gives them."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    full = load_digits()
+    X, y = ds.digits_arrays()
+    assert X.dtype == full.data.dtype and y.dtype == full.target.dtype
+    np.testing.assert_array_equal(X, full.data)
+    np.testing.assert_array_equal(y, full.target)
+    code = ("import sys; from shared.datasets import digits_arrays; X, y = digits_arrays(); "
+            "print(X.shape, int(y.sum()), any(m.split('.')[0] == 'sklearn' for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == ["(1797,", "64)", str(int(full.target.sum())), "False"], out
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    X2, y2 = ds.digits_arrays()
+    np.testing.assert_array_equal(X2, full.data)
+    np.testing.assert_array_equal(y2, full.target)
+
+
 def test_synthetic():
     d = ds.make_synthetic(n=200, n_features=5, n_classes=4, seed=1)
     assert (len(d.train), len(d.val), len(d.test)) == (200, 100, 100)

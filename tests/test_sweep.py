@@ -7,6 +7,7 @@ Unit tests of the spec's expansion and its one-line errors need no cluster.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -100,40 +101,51 @@ def test_bad_sweep_options_are_refused(tmp_path):
 
 # ------------------------------------------------------------------------------- one real sweep
 
-def _run_processes(worker: psutil.Process):
-    """(run folder, process) of each run a worker is running: the worker's descendants (a
-    subprocess, or a fork of its zygote) that write a run's sweep.log."""
-    for proc in worker.children(recursive=True):
-        try:
-            for f in proc.open_files():
-                if f.path.endswith("/sweep.log"):
-                    yield Path(f.path).parent, proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
+def _logs_open(proc: psutil.Process) -> list:
+    """The run folders whose sweep.log ``proc`` holds open."""
+    try:
+        return [Path(f.path).parent for f in proc.open_files() if f.path.endswith("/sweep.log")]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def _is_zygote(proc: psutil.Process) -> bool:
+    try:
+        return "shared.sweep_zygote" in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return True
 
 
 def _kill_meta_runs(driver: subprocess.Popen, deadline: float) -> dict:
     """SIGKILL by pid, once a meta run's checkpoint exists: first the worker process running
-    it, then the run's own process (not its worker) of another meta run. ``{"worker": folder,
-    "run": folder}`` of the runs caught (a key is missing when no such moment came)."""
+    it (the worker holds the run's sweep.log open while the attempt runs), then the run's
+    own process (not its worker) of another meta run: a fork of the machine's zygote, which
+    is the driver's child, not the worker's. ``{"worker": folder, "run": folder}`` of the
+    runs caught (a key is missing when no such moment came), and ``"forked_from"``: the
+    command line of the killed run's zygote."""
     me, killed = psutil.Process(driver.pid), {}
-    while time.time() < deadline and driver.poll() is None and len(killed) < 2:
+    while time.time() < deadline and driver.poll() is None and "run" not in killed:
         try:
-            workers = me.children()
+            kids = me.children()
+            everyone = me.children(recursive=True)
         except psutil.NoSuchProcess:
             break
-        for worker in workers:
-            try:
-                for folder, proc in _run_processes(worker):
-                    if "meta-" not in folder.name or not (folder / "checkpoint.npz").is_file() or \
-                            folder in killed.values():
-                        continue
-                    which = "worker" if "worker" not in killed else "run"
-                    (worker if which == "worker" else proc).kill()
-                    killed[which] = folder
-                    break
-            except psutil.NoSuchProcess:
+        workers = [k for k in kids if not _is_zygote(k)]
+        for folder, proc in [(f, p) for p in everyone if p not in workers for f in _logs_open(p)]:
+            if "meta-" not in folder.name or not (folder / "checkpoint.npz").is_file() or folder in killed.values():
                 continue
+            if "worker" not in killed:
+                running = [w for w in workers if folder in _logs_open(w)]
+                if running:
+                    running[0].kill()
+                    killed["worker"] = folder
+                    break
+            else:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    killed["forked_from"] = proc.parent().parent().cmdline()
+                proc.kill()
+                killed["run"] = folder
+                break
         time.sleep(0.05)
     return killed
 
@@ -192,6 +204,9 @@ def test_every_run_equals_the_same_command_run_alone(sweep, tmp_path):
     them resumed after a kill) equal those of ``python -m cpu_ver ...`` run alone, bit for bit."""
     done = [e for e in sweep["manifest"]["runs"].values() if e["state"] == "done"]
     assert {e["launch"] for e in done} == {"zygote"}
+    # forks of the machine's zygote, the restarted worker's runs too (so one import served both workers)
+    assert {e["zygote"] for e in done} == {"machine"}
+    assert "--listen-fd" in sweep["killed"].get("forked_from", [])
     alone = run_alone(done, tmp_path)
     for e in done:
         got, want = record(sweep["out"] / e["folder"]), record(alone[e["folder"]])
