@@ -97,6 +97,11 @@ def run_env(environ, worker: str) -> dict:
     return env
 
 
+def existing_folder(path):
+    """``path`` when it names a folder that exists, else None (the process's own folder)."""
+    return path if path and os.path.isdir(path) else None
+
+
 def _file_word(name) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "worker"
 
@@ -165,7 +170,7 @@ def run_task(task: dict) -> dict:
     name = _file_word(worker.name) if worker is not None else "local"
     env = run_env(os.environ, name)
     zygotes = _plugin(worker) if task.get("launch") == "zygote" and sweep_zygote.available() else None
-    cwd = task.get("cwd") if task.get("cwd") and os.path.isdir(task["cwd"]) else None
+    cwd = existing_folder(task.get("cwd"))
     t0 = time.perf_counter()
     with _locked(folder / LOCK_FILE):
         argv = attempt_argv(task)
@@ -261,8 +266,8 @@ def cluster(*, workers: int = 2, scheduler: str | None = None, slurm: dict | Non
         machine, env = {}, None
         if zygotes is not None and not scheduler and not slurm and sweep_zygote.available():
             env = run_env(nanny_environ(os.environ), "machine")
-            cwd = zygotes[1] if zygotes[1] and os.path.isdir(zygotes[1]) else None
-            machine = stack.enter_context(sweep_zygote.machine_zygotes(zygotes[0], cwd, env))
+            backends, cwd = zygotes
+            machine = stack.enter_context(sweep_zygote.machine_zygotes(backends, existing_folder(cwd), env))
         import logging  # noqa: PLC0415
 
         import dask  # noqa: PLC0415

@@ -45,7 +45,7 @@ class Zygotes(WorkerPlugin):
     def setup(self, worker):
         self._lock, self._idle, self._closed = threading.Lock(), [], False
         env = sweep_exec.run_env(os.environ, sweep_exec._file_word(worker.name))
-        cwd = self.cwd if self.cwd and os.path.isdir(self.cwd) else None
+        cwd = sweep_exec.existing_folder(self.cwd)
         for backend in self.backends:           # their imports overlap the cluster's start
             self._idle.append(((backend, cwd, _env_key(env)), self._start(backend, cwd, env)))
 
@@ -54,7 +54,7 @@ class Zygotes(WorkerPlugin):
         started in ``cwd`` with the same environment as this worker's runs (their compile folder
         aside: each request carries the run's), else a process of the worker's own."""
         address, machine_env = self.machine.get(backend, (None, None))
-        if address is not None and cwd == (self.cwd if self.cwd and os.path.isdir(self.cwd) else None) and \
+        if address is not None and cwd == sweep_exec.existing_folder(self.cwd) and \
                 _import_env(machine_env) == _import_env(env):
             try:
                 return sweep_zygote.Zygote.connect(backend, address)
