@@ -88,8 +88,9 @@ class Zygotes(WorkerPlugin):
         ``(None, None)`` when no zygote could start (the caller then runs a subprocess).
         ``sweep_zygote.ZygoteLost`` when the zygote died during the attempt."""
         key = (backend, cwd, _env_key(env))
-        z = _ready(self._take(key) or self._start(backend, cwd, env))
-        if z is None:           # the machine's is gone, or could not start: the worker's own
+        first = self._take(key) or self._start(backend, cwd, env)
+        z = _ready(first)
+        if z is None and first.proc is None:        # the machine's is gone: the worker's own
             z = _ready(sweep_zygote.Zygote(backend, cwd, env))
         if z is None:
             return None, None

@@ -160,8 +160,7 @@ def test_machine_zygote_forks_each_workers_attempts_in_their_own_environment(pro
     request carries (two workers' compile folders differ), and returns the command's status."""
     base = {**_env(), "PYTHONPATH": f"{REPO}:{probe}"}
     with sweep_zygote.machine_zygotes(["probe"], str(probe), base) as addresses:
-        zygote = psutil.Process().children()[-1]
-        assert "--listen-fd" in zygote.cmdline()
+        (zygote,) = [c for c in psutil.Process().children() if "--listen-fd" in c.cmdline()]
         handles = [sweep_zygote.Zygote.connect("probe", addresses["probe"]) for _ in range(2)]
         try:
             for i, z in enumerate(handles):
